@@ -1,0 +1,1 @@
+"""Cluster: dev/test service launchers (`rtml services`), KubeRay manifests, failover."""

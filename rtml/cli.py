@@ -1,0 +1,97 @@
+"""The `rtml` command line (also `python -m rtml`).
+
+This is the entry-point layer: it is the one kernel module that reaches up into the other
+packages, and each package keeps its own commands in its own ``cli.py`` (imports of heavy
+libraries stay inside the command functions so that ``rtml --help`` is instant).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from cluster.cli import app as services_app
+from rtml.errors import NotImplementedYet, RtmlError
+
+app = typer.Typer(
+    name="rtml",
+    help="rtml: a real-time machine-learning serving cluster on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(services_app, name="services")
+
+bench_app = typer.Typer(help="Side-by-side benchmarks; figures go to benchmarks/RESULTS.md.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+lakehouse_app = typer.Typer(help="Lakehouse maintenance and replication.", no_args_is_help=True)
+app.add_typer(lakehouse_app, name="lakehouse")
+
+
+@app.command()
+def demo() -> None:
+    """The main job: replay bundled sensor streams through the whole pipeline and summarise."""
+    raise NotImplementedYet("demo", "streaming")
+
+
+@app.command()
+def up() -> None:
+    """Start a local Ray cluster and the Serve app on embedded defaults; print the URLs."""
+    raise NotImplementedYet("up", "serving")
+
+
+@app.command()
+def nab() -> None:
+    """Run the anomaly detector over a NAB corpus, and score results (`rtml nab score`)."""
+    raise NotImplementedYet("nab", "models")
+
+
+@app.command()
+def train() -> None:
+    """Train a model for a tenant from the lakehouse (a Ray job) and register a candidate."""
+    raise NotImplementedYet("train", "models")
+
+
+@app.command()
+def erase() -> None:
+    """Right to erasure: delete every row about a data subject, in every table and snapshot."""
+    raise NotImplementedYet("erase", "lakehouse")
+
+
+@lakehouse_app.command()
+def maintain() -> None:
+    """Compact small files and expire old snapshots."""
+    raise NotImplementedYet("lakehouse maintain", "lakehouse")
+
+
+@lakehouse_app.command()
+def replicate() -> None:
+    """Replicate every table's snapshot to a second catalog/warehouse."""
+    raise NotImplementedYet("lakehouse replicate", "lakehouse")
+
+
+@bench_app.command("serve")
+def bench_serve() -> None:
+    """Raw torch vs a stock Ray Serve app vs rtml, at concurrency 1, 16 and 64."""
+    raise NotImplementedYet("bench serve", "serving")
+
+
+@bench_app.command("stream")
+def bench_stream() -> None:
+    """Raw kafka-python consumption vs rtml's full streaming path."""
+    raise NotImplementedYet("bench stream", "streaming")
+
+
+def main() -> None:
+    console = Console(stderr=True)
+    try:
+        app()
+    except RtmlError as error:
+        console.print(f"[bold red]error:[/] {error}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)

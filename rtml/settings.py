@@ -1,0 +1,150 @@
+"""One typed settings object for the whole product.
+
+Values come, highest priority first, from: keyword arguments, ``RTML_*`` environment variables
+(nested sections with ``__``, e.g. ``RTML_KAFKA__BOOTSTRAP_SERVERS``), the YAML file named by
+``RTML_CONFIG`` (or ``./rtml.yaml`` when present), then the defaults below. Every default works
+for ``make demo`` on one machine with no external server.
+
+Each package owns one section; add a knob to its section rather than reading the environment
+anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = "rtml.yaml"
+
+
+class ServicesSettings(BaseModel):
+    """Local test services started by ``rtml services up`` (all on loopback)."""
+
+    host: str = "127.0.0.1"
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    neo4j_bolt_port: int = 17687
+    elasticsearch_port: int = 19200
+    prometheus_port: int = 19090
+    postgres_port: int = 15432
+    # Where fetched artifacts are kept across clones, so a second run downloads nothing.
+    download_cache: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rtml"
+    )
+
+
+class LakehouseSettings(BaseModel):
+    """Iceberg catalog and warehouse. Empty ``catalog_uri``/``warehouse`` mean "under ``home``"."""
+
+    catalog_type: Literal["sql", "rest"] = "sql"
+    catalog_name: str = "rtml"
+    catalog_uri: str = ""
+    warehouse: str = ""
+    namespace: str = "rtml"
+    snapshot_retention_hours: float = 24.0 * 7
+    writer_batch_rows: int = 5000
+    writer_flush_seconds: float = 1.0
+    commit_retries: int = 8
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic_prefix: str = "rtml"
+    # "tenant": one topic per tenant; "shared": one topic keyed by tenant.
+    topic_layout: Literal["tenant", "shared"] = "shared"
+    partitions: int = 4
+    consumer_group: str = "rtml-consumers"
+    dead_letter_topic: str = "rtml.dead-letter"
+
+
+class StreamingSettings(BaseModel):
+    source: Literal["replay", "kafka"] = "replay"
+    consumers: int = 2
+    max_poll_records: int = 2000
+    window_seconds: float = 60.0
+    slide_seconds: float = 60.0
+    allowed_lateness_seconds: float = 30.0
+    replay_speed: float = 0.0  # 0 = as fast as possible; 1 = real time
+    max_in_flight_batches: int = 4
+
+
+class ModelSettings(BaseModel):
+    window_length: int = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    anomaly_threshold: float = 0.5
+
+
+class ServingSettings(BaseModel):
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    # "auto": ask Serve for a GPU fraction when the cluster has GPUs, else CPU.
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    gpu_fraction: float = 0.25
+    model_replicas: int = 1
+    max_batch_size: int = 256
+    batch_wait_timeout_s: float = 0.005
+    max_ongoing_requests: int = 256
+    max_queued_requests: int = 1024
+
+
+class RayTrainSettings(BaseModel):
+    num_workers: int = 1
+    use_gpu: bool = False
+    epochs: int = 5
+    holdout_fraction: float = 0.2
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RTML_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    home: Path = Path(".rtml")
+    services: ServicesSettings = ServicesSettings()
+    lakehouse: LakehouseSettings = LakehouseSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    streaming: StreamingSettings = StreamingSettings()
+    models: ModelSettings = ModelSettings()
+    serving: ServingSettings = ServingSettings()
+    train: RayTrainSettings = RayTrainSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("RTML_CONFIG") or (
+            DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).is_file() else None
+        )
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"RTML_CONFIG names {config_file!r}, which is not a file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; call ``get_settings.cache_clear()`` after changing the environment."""
+    return Settings()
