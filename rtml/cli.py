@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 
 from cluster.cli import app as services_app
+from lakehouse.cli import app as lakehouse_app
+from lakehouse.cli import erase
 from rtml.errors import NotImplementedYet, RtmlError
 
 app = typer.Typer(
@@ -27,8 +29,8 @@ app.add_typer(services_app, name="services")
 bench_app = typer.Typer(help="Side-by-side benchmarks; figures go to benchmarks/RESULTS.md.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-lakehouse_app = typer.Typer(help="Lakehouse maintenance and replication.", no_args_is_help=True)
 app.add_typer(lakehouse_app, name="lakehouse")
+app.command()(erase)
 
 
 @app.command()
@@ -53,24 +55,6 @@ def nab() -> None:
 def train() -> None:
     """Train a model for a tenant from the lakehouse (a Ray job) and register a candidate."""
     raise NotImplementedYet("train", "models")
-
-
-@app.command()
-def erase() -> None:
-    """Right to erasure: delete every row about a data subject, in every table and snapshot."""
-    raise NotImplementedYet("erase", "lakehouse")
-
-
-@lakehouse_app.command()
-def maintain() -> None:
-    """Compact small files and expire old snapshots."""
-    raise NotImplementedYet("lakehouse maintain", "lakehouse")
-
-
-@lakehouse_app.command()
-def replicate() -> None:
-    """Replicate every table's snapshot to a second catalog/warehouse."""
-    raise NotImplementedYet("lakehouse replicate", "lakehouse")
 
 
 @bench_app.command("serve")

@@ -55,6 +55,14 @@ class LakehouseSettings(BaseModel):
     writer_batch_rows: int = 5000
     writer_flush_seconds: float = 1.0
     commit_retries: int = 8
+    # Passed through to pyiceberg's catalog and FileIO as they are (S3/MinIO endpoint and keys,
+    # REST credentials, ...), e.g. RTML_LAKEHOUSE__CATALOG_PROPERTIES='{"s3.endpoint": "http://..."}'.
+    catalog_properties: dict[str, str] = Field(default_factory=dict)
+    # Binary payloads larger than this are stored as blobs beside the warehouse, the row keeps a pointer.
+    inline_payload_max_bytes: int = 64 * 1024
+    # `rtml lakehouse maintain` rewrites a partition once it holds this many files smaller than the size below.
+    compaction_min_files: int = 4
+    compaction_small_file_bytes: int = 32 * 1024 * 1024
 
 
 class KafkaSettings(BaseModel):

@@ -1,0 +1,241 @@
+"""The lakehouse's public face: ``Lakehouse.open(settings)`` and what hangs off it.
+
+    lake = Lakehouse.open()                              # creates namespace and tables on first use
+    lake.append_idempotent("events", events)             # replays add nothing (key: event_id)
+    with lake.writer("predictions") as writer:           # background batching, off the request path
+        writer.submit(predictions).result()              # done = durable
+    lake.read("events", tenant="acme", start=t0, end=t1) # newest first
+    lake.read("events", snapshot_id=...)                 # time travel (or as_of=datetime)
+    lake.registry.register(model_version)                # register/list/get/promote/retire/active/set_weights
+    lake.features.online_latest("acme", ["pump-1"])      # feature store: online_latest/offline_range/offline_dataset
+    lake.lineage(prediction_id)                          # feature rows + model versions (+ training snapshots)
+    lake.erase("subject-42", actor="ops")                # right to erasure, audited
+    lake.maintain(); lake.replicate(to=other_settings)   # compaction + expiry; disaster-recovery copy
+
+Rows may be given as Arrow tables, dicts, or the kernel's records (``rtml.schemas.Event``,
+``Prediction``, ``Feedback``); column names are the records' field names. Every method loads the
+table's current metadata, so one ``Lakehouse`` can be shared by threads and long-lived actors and
+always sees other writers' commits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+from pyiceberg.catalog import Catalog
+from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, GreaterThanOrEqual, In, LessThan, LessThanOrEqual
+from pyiceberg.io import FileIO
+from pyiceberg.table import Table
+
+from lakehouse import catalog as backend
+from lakehouse import erasure, maintenance, replication
+from lakehouse.blobs import offload_large_payloads, read_blob
+from lakehouse.erasure import ErasureReport
+from lakehouse.errors import LakehouseError
+from lakehouse.features import FeatureStore, with_feature_ids
+from lakehouse.maintenance import MaintenanceReport
+from lakehouse.registry import ModelRegistry
+from lakehouse.replication import ReplicationReport
+from lakehouse.snapshots import SnapshotInfo, history
+from lakehouse.tables import AUDIT, EVENTS, FEATURES, PREDICTIONS, Rows, table_def, time_literal, to_arrow
+from lakehouse.writer import BatchingWriter, append_idempotent
+from rtml.schemas import ModelVersion, new_id, utc_now
+from rtml.settings import LakehouseSettings, Settings, get_settings
+
+
+@dataclass
+class Lineage:
+    """Where a prediction came from."""
+
+    prediction: dict[str, Any]
+    features: pa.Table  # the feature rows of its entity whose window covers its event time
+    models: list[ModelVersion]  # with training_snapshot_ids and feature_set_version
+    unregistered_models: dict[str, str]  # name -> version the prediction names but the registry lacks
+
+
+class Lakehouse:
+    def __init__(self, settings: Settings, catalog: Catalog):
+        self._all_settings = settings
+        self.settings: LakehouseSettings = settings.lakehouse
+        self.catalog = catalog
+        self.namespace = settings.lakehouse.namespace
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> Lakehouse:
+        """Connect to the configured catalog, creating the namespace and any missing table."""
+        settings = settings or get_settings()
+        catalog = backend.open_catalog(settings.lakehouse, settings.home_dir)
+        backend.ensure_tables(catalog, settings.lakehouse.namespace)
+        return cls(settings, catalog)
+
+    def table(self, name: str) -> Table:
+        """The pyiceberg table with its current metadata (for reads this API does not cover)."""
+        return backend.load_table(self.catalog, self.namespace, table_def(name).name)
+
+    @property
+    def io(self) -> FileIO:
+        return self.table(EVENTS.name).io
+
+    # writes ------------------------------------------------------------------------------------
+
+    def append_idempotent(self, table: str, rows: Rows, key: str | None = None) -> int:
+        """Append rows whose key the table does not hold yet (see ``lakehouse.writer``); returns how
+        many rows were new. ``key`` defaults to the table's key (``events``/``predictions``:
+        ``event_id``, ``features``: ``feature_id``, ...)."""
+        return self._append_prepared(table, self._prepare(table, rows), key)
+
+    def writer(self, table: str, key: str | None = None) -> BatchingWriter:
+        """A background batching writer for one table; ``close()`` it (or use ``with``)."""
+        return BatchingWriter(
+            name=table,
+            convert=lambda rows: self._prepare(table, rows),
+            write=lambda batch: self._append_prepared(table, batch, key),
+            batch_rows=self.settings.writer_batch_rows,
+            flush_seconds=self.settings.writer_flush_seconds,
+        )
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        table_name: str,
+        row_count: int,
+        row_filter: str | None = None,
+        snapshot_id: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Append one row to the append-only ``audit`` table: who did what, when, to which rows."""
+        record = {
+            "audit_id": new_id(),
+            "at": utc_now(),
+            "actor": actor,
+            "action": action,
+            "table_name": table_name,
+            "row_filter": row_filter,
+            "row_count": row_count,
+            "snapshot_id": snapshot_id,
+            "details": json.dumps(details or {}, sort_keys=True, default=str),
+        }
+        self.append_idempotent(AUDIT.name, [record])
+
+    def _prepare(self, table: str, rows: Rows) -> pa.Table:
+        definition = table_def(table)
+        if definition is FEATURES:
+            return with_feature_ids(rows)
+        prepared = to_arrow(definition, rows)
+        if definition is EVENTS:
+            events = self.table(EVENTS.name)
+            prepared = offload_large_payloads(prepared, events.io, events.location(), self.settings.inline_payload_max_bytes)
+        return prepared
+
+    def _append_prepared(self, table: str, rows: pa.Table, key: str | None) -> int:
+        definition = table_def(table)
+        return append_idempotent(
+            lambda: self.table(table), definition, rows, key or definition.key, self.settings.commit_retries
+        )
+
+    # reads -------------------------------------------------------------------------------------
+
+    def read(
+        self,
+        table: str,
+        tenant: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        snapshot_id: int | None = None,
+        as_of: datetime | None = None,
+        columns: tuple[str, ...] = ("*",),
+        limit: int | None = None,
+        where: BooleanExpression = AlwaysTrue(),
+    ) -> pa.Table:
+        """Rows of one tenant whose time column lies in ``[start, end)``, newest first (``limit``
+        keeps the newest). Time travel: ``snapshot_id`` reads that snapshot, ``as_of`` the snapshot
+        that was current at that moment (an empty table if the table had none yet)."""
+        definition = table_def(table)
+        current = self.table(table)
+        if as_of is not None:
+            if snapshot_id is not None:
+                raise LakehouseError("give either snapshot_id or as_of, not both")
+            then = current.snapshot_as_of_timestamp(int(as_of.timestamp() * 1000))
+            if then is None:
+                return current.schema().as_arrow().empty_table()
+            snapshot_id = then.snapshot_id
+        elif snapshot_id is not None and current.snapshot_by_id(snapshot_id) is None:
+            raise LakehouseError(f"table {table!r} has no snapshot {snapshot_id} (it may have expired)")
+        condition = where
+        if tenant is not None:
+            condition = And(condition, EqualTo("tenant", tenant))
+        if start is not None:
+            condition = And(condition, GreaterThanOrEqual(definition.time_column, time_literal(start)))
+        if end is not None:
+            condition = And(condition, LessThan(definition.time_column, time_literal(end)))
+        rows = current.scan(row_filter=condition, selected_fields=columns, snapshot_id=snapshot_id).to_arrow()
+        if definition.time_column in rows.column_names:
+            rows = rows.sort_by([(definition.time_column, "descending")])
+        return rows if limit is None else rows.slice(0, limit)
+
+    def snapshots(self, table: str) -> list[SnapshotInfo]:
+        """The table's retained snapshots, oldest first (ids for time travel and lineage)."""
+        return history(self.table(table))
+
+    def payload(self, event: dict[str, Any]) -> bytes | None:
+        """An event row's binary payload, inline or from its blob."""
+        if event.get("payload") is not None:
+            return event["payload"]
+        return read_blob(self.io, event["payload_uri"]) if event.get("payload_uri") else None
+
+    @cached_property
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(lambda: self.table("models"), self.settings.commit_retries)
+
+    @cached_property
+    def features(self) -> FeatureStore:
+        return FeatureStore(
+            lambda: self.table(FEATURES.name),
+            f"{self.namespace}.{FEATURES.name}",
+            lambda: {"name": self.settings.catalog_name, **backend.catalog_properties(self.settings, self._all_settings.home_dir)},
+        )
+
+    def lineage(self, prediction_id: str) -> Lineage:
+        """The feature rows and model versions (with their training snapshots) behind a prediction."""
+        found = self.read(PREDICTIONS.name, where=EqualTo("prediction_id", prediction_id), limit=1).to_pylist()
+        if not found:
+            raise LakehouseError(f"there is no prediction {prediction_id!r}")
+        prediction = found[0]
+        named = dict(prediction["model_versions"] or [])
+        models, unregistered = [], {}
+        for name, version in sorted(named.items()):
+            try:
+                models.append(self.registry.get(name, int(version)))
+            except (LakehouseError, ValueError):
+                unregistered[name] = version
+        condition: BooleanExpression = And(
+            And(EqualTo("entity", prediction["entity"]), LessThanOrEqual("window_start", time_literal(prediction["event_time"]))),
+            GreaterThanOrEqual("window_end", time_literal(prediction["event_time"])),
+        )
+        feature_sets = {model.feature_set_version for model in models if model.feature_set_version}
+        if feature_sets:
+            condition = And(condition, In("feature_set_version", feature_sets))
+        features = self.read(FEATURES.name, tenant=prediction["tenant"], where=condition)
+        return Lineage(prediction, features, models, unregistered)
+
+    # operations --------------------------------------------------------------------------------
+
+    def erase(self, subject: str, actor: str) -> ErasureReport:
+        """Delete every row about ``subject`` from every table and retained snapshot; audited."""
+        return erasure.erase(self, subject, actor)
+
+    def maintain(self, retention_hours: float | None = None) -> list[MaintenanceReport]:
+        """Compact small files and expire snapshots older than the retention (settings by default)."""
+        return maintenance.maintain(self, retention_hours)
+
+    def replicate(self, to: LakehouseSettings | Lakehouse) -> list[ReplicationReport]:
+        """Copy every table's current snapshot into a second catalog/warehouse."""
+        target = to if isinstance(to, Lakehouse) else Lakehouse.open(self._all_settings.model_copy(update={"lakehouse": to}))
+        return replication.replicate(self, target)

@@ -1,0 +1,84 @@
+"""The lakehouse's one backend: an Iceberg catalog chosen by settings alone.
+
+Embedded default: pyiceberg's SQL catalog on a SQLite file with a local warehouse folder, both under
+``settings.home``. Production: the same SQL catalog on PostgreSQL (``catalog_uri =
+"postgresql+psycopg2://..."``) or a REST catalog (``catalog_type = "rest"``), with an ``s3://``
+warehouse whose endpoint and keys go in ``catalog_properties``. Nothing else in the package knows
+which one is in use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.exceptions import NoSuchTableError
+from pyiceberg.table import Table
+
+from lakehouse.errors import LakehouseError, TableMetadataError
+from lakehouse.tables import TABLE_PROPERTIES, TABLES
+from rtml.settings import LakehouseSettings
+
+# What a missing or damaged metadata file surfaces as when pyiceberg reads it.
+_METADATA_READ_ERRORS = (OSError, ValueError, KeyError, json.JSONDecodeError, ValidationError, UnicodeDecodeError)
+
+
+def catalog_properties(settings: LakehouseSettings, home: Path) -> dict[str, str]:
+    """pyiceberg catalog properties for these settings; empty URI/warehouse mean "under home"."""
+    root = home / "lakehouse"
+    uri = settings.catalog_uri
+    if not uri:
+        if settings.catalog_type != "sql":
+            raise LakehouseError("lakehouse.catalog_uri must name the REST catalog's URL when catalog_type is 'rest'")
+        root.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{root / 'catalog.db'}"
+    warehouse = settings.warehouse
+    if not warehouse:
+        (root / "warehouse").mkdir(parents=True, exist_ok=True)
+        warehouse = (root / "warehouse").as_uri()
+    elif "://" not in warehouse:
+        Path(warehouse).mkdir(parents=True, exist_ok=True)
+        warehouse = Path(warehouse).resolve().as_uri()
+    return {"type": settings.catalog_type, "uri": uri, "warehouse": warehouse, **settings.catalog_properties}
+
+
+def open_catalog(settings: LakehouseSettings, home: Path) -> Catalog:
+    properties = catalog_properties(settings, home)
+    try:
+        return load_catalog(settings.catalog_name, **properties)
+    except Exception as error:  # a catalog that cannot be reached: say which one, not how it failed inside
+        raise LakehouseError(
+            f"cannot open the Iceberg {settings.catalog_type} catalog at {properties['uri']}: {error}"
+        ) from error
+
+
+def ensure_tables(catalog: Catalog, namespace: str) -> None:
+    """Create the namespace and any missing table; safe when several processes do it at once."""
+    catalog.create_namespace_if_not_exists(namespace)
+    existing = {identifier[-1] for identifier in catalog.list_tables(namespace)}
+    for table in TABLES.values():
+        if table.name not in existing:
+            catalog.create_table_if_not_exists(
+                (namespace, table.name),
+                schema=table.schema,
+                partition_spec=table.partition_spec(),
+                properties=TABLE_PROPERTIES,
+            )
+
+
+def load_table(catalog: Catalog, namespace: str, name: str) -> Table:
+    """The table with its current metadata; missing or corrupt metadata is a ``TableMetadataError``."""
+    try:
+        return catalog.load_table((namespace, name))
+    except NoSuchTableError as error:
+        raise LakehouseError(
+            f"table {namespace}.{name} is not in the catalog ({error}); `Lakehouse.open` creates missing tables"
+        ) from None
+    except _METADATA_READ_ERRORS as error:
+        raise TableMetadataError(f"{namespace}.{name}", _location_from(error), error) from error
+
+
+def _location_from(error: BaseException) -> str | None:
+    return getattr(error, "filename", None)

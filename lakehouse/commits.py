@@ -1,0 +1,40 @@
+"""Optimistic-concurrency retries shared by every lakehouse write.
+
+An Iceberg commit swaps the table's metadata pointer only if nobody else moved it since the writer
+read it (the SQL catalog's ``UPDATE ... WHERE metadata_location = <the one read>``, a REST
+catalog's requirement check). A writer that loses the race gets ``CommitFailedException`` (or a
+``ValidationException`` when pyiceberg finds that a concurrent commit touched rows it was about to
+rewrite). Every write in this package is written as one unit of work that starts from fresh table
+metadata, so the answer to a lost race is always the same: run the whole unit again, a bounded
+number of times, with jittered exponential back-off so that racing writers spread out.
+"""
+
+from __future__ import annotations
+
+from pyiceberg.exceptions import CommitFailedException, ValidationException
+from sqlalchemy.exc import OperationalError
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from lakehouse.errors import LakehouseError
+
+# OperationalError: SQLite's "database is locked" under concurrent writers, or a dropped PostgreSQL
+# connection. Re-running a unit is safe either way because each unit re-reads the table first.
+_CONFLICTS = (CommitFailedException, ValidationException, OperationalError)
+
+
+def on_conflict_retry(table: str, attempts: int) -> Retrying:
+    """``for attempt in on_conflict_retry(...): with attempt: <unit of work>``."""
+
+    def give_up(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        raise LakehouseError(
+            f"table {table!r}: the commit kept conflicting with concurrent writers and was given up after "
+            f"{state.attempt_number} attempts ({error}); raise lakehouse.commit_retries or write in larger batches"
+        ) from error
+
+    return Retrying(
+        retry=retry_if_exception_type(_CONFLICTS),
+        stop=stop_after_attempt(max(1, attempts)),
+        wait=wait_random_exponential(multiplier=0.05, max=2.0),
+        retry_error_callback=give_up,
+    )

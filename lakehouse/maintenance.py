@@ -1,0 +1,101 @@
+"""Table upkeep: compaction of small files and expiry of old snapshots.
+
+Streaming writers commit every second or every few thousand rows, so a busy partition collects
+many small Parquet files, which slows every scan. Compaction rewrites each partition that holds
+``compaction_min_files`` or more small files as one overwrite of that partition (one commit, rows
+sorted by time so that range scans prune well). It re-reads the partition in the same unit of
+work that commits, so a concurrent append to the partition makes the commit fail and the unit run
+again instead of being overwritten (``lakehouse.commits``).
+
+Expiry removes snapshots older than the retention and the files only they referenced
+(``lakehouse.snapshots.expire``); the current snapshot is always kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
+import pyarrow.compute as pc
+from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
+from pyiceberg.table import Table
+
+from lakehouse.commits import on_conflict_retry
+from lakehouse.snapshots import expire
+from lakehouse.tables import TABLES, TableDef, time_literal
+
+if TYPE_CHECKING:
+    from lakehouse.api import Lakehouse
+
+
+@dataclass
+class MaintenanceReport:
+    table: str
+    data_files_before: int
+    data_files_after: int
+    partitions_compacted: int
+    snapshots_expired: int
+    files_deleted: int
+
+
+def maintain(lakehouse: Lakehouse, retention_hours: float | None = None) -> list[MaintenanceReport]:
+    settings = lakehouse.settings
+    hours = settings.snapshot_retention_hours if retention_hours is None else retention_hours
+    cutoff_ms = int((time.time() - hours * 3600) * 1000)
+    reports = []
+    for table in TABLES.values():
+
+        def load(name: str = table.name) -> Table:
+            return lakehouse.table(name)
+
+        before = _data_file_count(load())
+        compacted = compact(load, table, settings.compaction_min_files, settings.compaction_small_file_bytes, settings.commit_retries)
+        expiry = expire(
+            load,
+            table.name,
+            lambda current: [s.snapshot_id for s in current.snapshots() if s.timestamp_ms < cutoff_ms],
+            settings.commit_retries,
+        )
+        reports.append(
+            MaintenanceReport(
+                table.name, before, _data_file_count(load()), compacted, len(expiry.expired_snapshot_ids), expiry.deleted_files
+            )
+        )
+    return reports
+
+
+def compact(load: Callable[[], Table], table: TableDef, min_files: int, small_file_bytes: int, attempts: int) -> int:
+    """Rewrite every partition with at least ``min_files`` small files; return how many."""
+    current = load()
+    if current.current_snapshot() is None:
+        return 0
+    listing = current.inspect.files()
+    small = listing.filter(pc.less(listing["file_size_in_bytes"], small_file_bytes))
+    per_partition = Counter(tuple(sorted(partition.items())) for partition in small["partition"].to_pylist())
+    crowded = [dict(partition) for partition, count in per_partition.items() if count >= min_files]
+    for partition in crowded:
+        condition = _partition_filter(table, partition)
+        for attempt in on_conflict_retry(table.name, attempts):
+            with attempt:
+                current = load()
+                rows = current.scan(row_filter=condition).to_arrow().sort_by(table.time_column)
+                current.overwrite(rows, overwrite_filter=condition, snapshot_properties={"rtml.compaction": "true"})
+    return len(crowded)
+
+
+def _partition_filter(table: TableDef, partition: dict) -> BooleanExpression:
+    day: date = partition[f"{table.time_column}_day"]
+    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    condition: BooleanExpression = And(
+        GreaterThanOrEqual(table.time_column, time_literal(start)),
+        LessThan(table.time_column, time_literal(start + timedelta(days=1))),
+    )
+    return And(EqualTo("tenant", partition["tenant"]), condition) if table.partition_by_tenant else condition
+
+
+def _data_file_count(table: Table) -> int:
+    return 0 if table.current_snapshot() is None else table.inspect.files().num_rows
