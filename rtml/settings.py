@@ -35,8 +35,13 @@ class ServicesSettings(BaseModel):
     kafka_controller_port: int = 19093
     neo4j_bolt_port: int = 17687
     elasticsearch_port: int = 19200
+    elasticsearch_transport_port: int = 19300
     prometheus_port: int = 19090
     postgres_port: int = 15432
+    # Heap of each JVM server (Kafka, Neo4j, Elasticsearch): three of them share a small test machine.
+    jvm_heap_mb: int = 512
+    # How long `up` waits for a server to answer; parallel JVM start-ups on 2 cores take a while.
+    start_timeout_s: float = 240.0
     # Where fetched artifacts are kept across clones, so a second run downloads nothing.
     download_cache: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rtml"

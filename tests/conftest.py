@@ -22,3 +22,44 @@ def ray_cluster():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def _answering(name: str):
+    """The named test service, once it answers a real client request."""
+    from cluster import services
+
+    service = services.get(name)
+    if not service.is_healthy():
+        message = f"{name} does not answer at {service.address}: run `rtml services up`"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return service
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """Kafka's bootstrap servers, "host:port"."""
+    return _answering("kafka").address
+
+
+@pytest.fixture(scope="session")
+def neo4j_uri() -> str:
+    """Neo4j's Bolt URI, "bolt://host:port" (authentication off: pass auth=None)."""
+    return _answering("neo4j").address
+
+
+@pytest.fixture(scope="session")
+def elasticsearch_url() -> str:
+    return _answering("elasticsearch").address
+
+
+@pytest.fixture(scope="session")
+def prometheus_url() -> str:
+    return _answering("prometheus").address
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> str:
+    """A SQLAlchemy URL "postgresql+psycopg2://...", usable as pyiceberg's SQL catalog uri."""
+    return _answering("postgres").address
