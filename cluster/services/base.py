@@ -108,6 +108,11 @@ class Service(ABC):
         self.fetch()
         if self.pid() is not None:
             return
+        if port_open(self.host, self.port):
+            raise ServiceError(
+                f"{self.name} cannot start: {self.host}:{self.port} is taken by another program that does not "
+                f"answer as {self.name}. Stop it, or move {self.name} with RTML_SERVICES__{self.port_setting.upper()}."
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = self.command()
         with self.log_file.open("ab") as log:
