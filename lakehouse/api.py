@@ -235,7 +235,18 @@ class Lakehouse:
         """Compact small files and expire snapshots older than the retention (settings by default)."""
         return maintenance.maintain(self, retention_hours)
 
-    def replicate(self, to: LakehouseSettings | Lakehouse) -> list[ReplicationReport]:
-        """Copy every table's current snapshot into a second catalog/warehouse."""
-        target = to if isinstance(to, Lakehouse) else Lakehouse.open(self._all_settings.model_copy(update={"lakehouse": to}))
+    def replicate(self, to: Settings | LakehouseSettings | Lakehouse) -> list[ReplicationReport]:
+        """Copy every table's current snapshot into a second catalog/warehouse. A bare lakehouse
+        section is resolved against this lakehouse's ``home``."""
+        if isinstance(to, LakehouseSettings):
+            to = self._all_settings.model_copy(update={"lakehouse": to})
+        target = to if isinstance(to, Lakehouse) else Lakehouse.open(to)
+        if target.location == self.location:
+            raise LakehouseError(f"the replica {target.location} is this lakehouse itself; name another catalog or namespace")
         return replication.replicate(self, target)
+
+    @property
+    def location(self) -> str:
+        """Which catalog, catalog name and namespace this is (for messages and replica checks)."""
+        uri = backend.catalog_properties(self.settings, self._all_settings.home_dir)["uri"]
+        return f"{uri} (catalog {self.settings.catalog_name!r}, namespace {self.namespace!r})"

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from pydantic import ValidationError
+from pyiceberg.exceptions import ValidationError as MetadataValidationError
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.table import Table
@@ -22,7 +23,15 @@ from lakehouse.tables import TABLE_PROPERTIES, TABLES
 from rtml.settings import LakehouseSettings
 
 # What a missing or damaged metadata file surfaces as when pyiceberg reads it.
-_METADATA_READ_ERRORS = (OSError, ValueError, KeyError, json.JSONDecodeError, ValidationError, UnicodeDecodeError)
+_METADATA_READ_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+    ValidationError,
+    MetadataValidationError,
+)
 
 
 def catalog_properties(settings: LakehouseSettings, home: Path) -> dict[str, str]:

@@ -11,11 +11,22 @@ number of times, with jittered exponential back-off so that racing writers sprea
 
 from __future__ import annotations
 
+import logging
+
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from sqlalchemy.exc import OperationalError
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from lakehouse.errors import LakehouseError
+
+log = logging.getLogger(__name__)
 
 # OperationalError: SQLite's "database is locked" under concurrent writers, or a dropped PostgreSQL
 # connection. Re-running a unit is safe either way because each unit re-reads the table first.
@@ -37,4 +48,5 @@ def on_conflict_retry(table: str, attempts: int) -> Retrying:
         stop=stop_after_attempt(max(1, attempts)),
         wait=wait_random_exponential(multiplier=0.05, max=2.0),
         retry_error_callback=give_up,
+        before_sleep=before_sleep_log(log, logging.INFO),
     )

@@ -102,15 +102,19 @@ class FeatureStore:
         """The same range as a Ray Dataset read in parallel by Ray tasks (``ray.data.read_iceberg``),
         pinned to one snapshot so that a training run reads one consistent state."""
         import ray.data
+        from ray.data.expressions import col
 
         table = self._load()
         pinned = snapshot_id if snapshot_id is not None else _current_id(table)
-        return ray.data.read_iceberg(
-            table_identifier=self._table_identifier,
-            catalog_kwargs=self._catalog_kwargs(),
-            snapshot_id=pinned,
-            scan_kwargs={"row_filter": self._range(tenant, start, end, feature_set_version)},
+        # Ray Data pushes this predicate down into the Iceberg scan, so files of other tenants and
+        # days are never read.
+        predicate = (col("tenant") == tenant) & (col("window_end") >= start) & (col("window_end") < end)
+        if feature_set_version is not None:
+            predicate = predicate & (col("feature_set_version") == feature_set_version)
+        dataset = ray.data.read_iceberg(
+            table_identifier=self._table_identifier, catalog_kwargs=self._catalog_kwargs(), snapshot_id=pinned
         )
+        return dataset.filter(expr=predicate)
 
     def _range(self, tenant: str, start: datetime, end: datetime, version: str | None) -> BooleanExpression:
         condition: BooleanExpression = And(

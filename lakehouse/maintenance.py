@@ -45,7 +45,6 @@ class MaintenanceReport:
 def maintain(lakehouse: Lakehouse, retention_hours: float | None = None) -> list[MaintenanceReport]:
     settings = lakehouse.settings
     hours = settings.snapshot_retention_hours if retention_hours is None else retention_hours
-    cutoff_ms = int((time.time() - hours * 3600) * 1000)
     reports = []
     for table in TABLES.values():
 
@@ -54,10 +53,11 @@ def maintain(lakehouse: Lakehouse, retention_hours: float | None = None) -> list
 
         before = _data_file_count(load())
         compacted = compact(load, table, settings.compaction_min_files, settings.compaction_small_file_bytes, settings.commit_retries)
+        cutoff_ms = int((time.time() - hours * 3600) * 1000)  # after compaction, so it can expire what that replaced
         expiry = expire(
             load,
             table.name,
-            lambda current: [s.snapshot_id for s in current.snapshots() if s.timestamp_ms < cutoff_ms],
+            lambda current, cutoff_ms=cutoff_ms: [s.snapshot_id for s in current.snapshots() if s.timestamp_ms < cutoff_ms],
             settings.commit_retries,
         )
         reports.append(

@@ -5,8 +5,9 @@ catalog loses nothing that was replicated.
 Each replica snapshot records the primary snapshot it copies (snapshot property
 ``rtml.replicated-from``). The next run copies only the rows appended since then when the primary
 has seen nothing but appends in between; after anything else (an erasure, a compaction, expiry
-of that snapshot) it replaces the replica's contents with the primary's current snapshot, which
-is also how an erasure reaches the replica. Either way one replication run is one commit on the
+of that snapshot) it replaces the replica's contents with the primary's current snapshot. A full
+copy also expires the replica's older snapshots and deletes their files, so the replica keeps no
+history that the primary has erased. Either way one replication run is one commit on the
 replica, so a reader of the replica sees a whole primary snapshot or the previous one. Rows are
 streamed in bounded chunks so a large table is not held in memory at once.
 """
@@ -23,7 +24,7 @@ from pyiceberg.table import Table
 
 from lakehouse.blobs import relocate_blobs
 from lakehouse.commits import on_conflict_retry
-from lakehouse.snapshots import only_appends_since
+from lakehouse.snapshots import expire, only_appends_since
 from lakehouse.tables import EVENTS, TABLES
 
 if TYPE_CHECKING:
@@ -79,8 +80,17 @@ def _replicate_table(source: Lakehouse, target: Lakehouse, name: str) -> Replica
                 # Nothing to copy (e.g. the primary was emptied): still record how far the replica is.
                 transaction.append(replica.schema().as_arrow().empty_table(), snapshot_properties=properties)
             transaction.commit_transaction()
-            return ReplicationReport(name, snapshot.snapshot_id, mode, copied)
-    raise AssertionError("unreachable: on_conflict_retry either returns or raises")
+            break
+    if mode == "full":
+        # The replica mirrors the primary's current state; its own older snapshots would only keep
+        # rows the primary has since removed (an erased subject among them).
+        expire(
+            lambda: target.table(name),
+            name,
+            lambda replica: [s.snapshot_id for s in replica.snapshots()],
+            target.settings.commit_retries,
+        )
+    return ReplicationReport(name, snapshot.snapshot_id, mode, copied)
 
 
 def _replicated_from(replica: Table) -> int | None:

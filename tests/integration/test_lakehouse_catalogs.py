@@ -1,0 +1,441 @@
+"""The lakehouse against real Iceberg catalogs: the embedded SQLite SQL catalog and a PostgreSQL-backed
+SQL catalog (the `postgres_dsn` service fixture). Every test gets its own catalog name, namespace
+and warehouse folder, so tests never see each other's tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from pyiceberg.expressions import And, EqualTo, NotNull
+
+from lakehouse import Lakehouse, LakehouseError, TableMetadataError
+from rtml.schemas import Event, Feedback, ModelStatus, ModelVersion, Prediction
+from rtml.settings import Settings
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+WITH_SUBJECT = ("events", "features", "predictions", "feedback", "enrichments")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+def catalog_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_settings(request: pytest.FixtureRequest, catalog_kind: str, tmp_path: Path):
+    """Settings of this test's lakehouse called ``name``: the same name gives the same lakehouse
+    (a restart), another name a second, separate one (a replica)."""
+    made: dict[str, Settings] = {}
+
+    def make(name: str = "primary") -> Settings:
+        if name not in made:
+            lakehouse = {"warehouse": str(tmp_path / name / "warehouse"), "namespace": "rtml_test"}
+            if catalog_kind == "postgres":
+                lakehouse["catalog_uri"] = request.getfixturevalue("postgres_dsn")
+                lakehouse["catalog_name"] = f"test_{name}_{uuid.uuid4().hex[:12]}"
+            made[name] = Settings(home=tmp_path / name, lakehouse=lakehouse)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture
+def lake(make_settings) -> Lakehouse:
+    return Lakehouse.open(make_settings())
+
+
+def events(n: int, tenant: str = "acme", subject: str | None = None, start: int = 0) -> list[Event]:
+    return [
+        Event(
+            event_id=f"{tenant}-ev-{i}",
+            tenant=tenant,
+            entity=f"pump-{i % 3}",
+            event_time=T0 + timedelta(seconds=i),
+            value=float(i),
+            subject=subject,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def rows_about(lake: Lakehouse, table: str, subject: str, snapshot_id: int | None = None) -> int:
+    return lake.read(table, where=EqualTo("subject", subject), snapshot_id=snapshot_id).num_rows
+
+
+# idempotent writes -------------------------------------------------------------------------------
+
+
+def test_writing_the_same_events_twice_leaves_one_row_each(lake):
+    batch = events(50)
+    assert lake.append_idempotent("events", batch) == 50
+    assert lake.append_idempotent("events", batch) == 0
+    assert lake.append_idempotent("events", events(10, start=45)) == 5  # half overlap, half new
+    stored = lake.read("events")
+    assert stored.num_rows == 55
+    assert pc.count_distinct(stored["event_id"]).as_py() == 55
+
+
+def test_duplicate_keys_within_one_batch_keep_the_first(lake):
+    first, second = events(1), events(1)
+    second[0] = second[0].model_copy(update={"value": 99.0})
+    assert lake.append_idempotent("events", first + second) == 1
+    assert lake.read("events")["value"].to_pylist() == [0.0]
+
+
+def test_two_ray_tasks_writing_overlapping_events_lose_and_duplicate_nothing(lake, make_settings, ray_cluster):
+    settings = make_settings()
+
+    @ray_cluster.remote
+    def write(batches: list[list[Event]]) -> int:
+        writer_lake = Lakehouse.open(settings)
+        return sum(writer_lake.append_idempotent("events", batch) for batch in batches)
+
+    def batches(first: int, last: int) -> list[list[Event]]:
+        # Many small commits so that the two writers keep racing for the same table.
+        return [events(40, start=start) for start in range(first, last, 40)]
+
+    written = ray_cluster.get([write.remote(batches(0, 400)), write.remote(batches(200, 600))])
+    stored = lake.read("events")
+    assert sum(written) == 600  # every event was written by exactly one of them
+    assert stored.num_rows == 600
+    assert set(stored["event_id"].to_pylist()) == {f"acme-ev-{i}" for i in range(600)}
+
+
+def test_batching_writer_makes_rows_durable_by_flush_and_rejects_bad_rows_at_submit(lake):
+    with lake.writer("events") as writer:
+        futures = [writer.submit(events(10, start=start)) for start in range(0, 100, 10)]
+        futures.append(writer.submit(events(10, start=0)))  # a replay inside the same stream
+        with pytest.raises(LakehouseError, match="colour"):
+            writer.submit([{"event_id": "x", "colour": "red"}])
+        writer.flush()
+        assert all(future.done() and future.exception() is None for future in futures)
+        assert lake.read("events").num_rows == 100
+        writer.submit(events(5, start=100)).result(timeout=60)  # due after flush_seconds on its own
+    assert lake.read("events").num_rows == 105
+
+
+def test_large_binary_payloads_are_kept_as_blobs_and_read_back(lake):
+    small, large = b"\x01" * 10, os.urandom(lake.settings.inline_payload_max_bytes + 1)
+    rows = [
+        {**events(1, start=i)[0].model_dump(), "payload": payload, "attributes": "{}"}
+        for i, payload in enumerate((small, large))
+    ]
+    lake.append_idempotent("events", rows)
+    stored = {row["event_id"]: row for row in lake.read("events").to_pylist()}
+    assert stored["acme-ev-0"]["payload"] == small and stored["acme-ev-0"]["payload_uri"] is None
+    assert stored["acme-ev-1"]["payload"] is None and stored["acme-ev-1"]["payload_uri"]
+    assert [lake.payload(stored[key]) for key in ("acme-ev-0", "acme-ev-1")] == [small, large]
+
+
+# reads and time travel ---------------------------------------------------------------------------
+
+
+def test_reads_by_tenant_and_time_range_newest_first(lake):
+    lake.append_idempotent("events", events(20) + events(5, tenant="other"))
+    window = lake.read("events", tenant="acme", start=T0 + timedelta(seconds=5), end=T0 + timedelta(seconds=10))
+    assert window["event_id"].to_pylist() == [f"acme-ev-{i}" for i in (9, 8, 7, 6, 5)]
+    assert lake.read("events", tenant="acme", limit=2)["event_id"].to_pylist() == ["acme-ev-19", "acme-ev-18"]
+
+
+def test_time_travel_returns_the_older_state(lake):
+    lake.append_idempotent("events", events(10))
+    before = lake.snapshots("events")[-1]
+    lake.append_idempotent("events", events(10, start=10))
+    assert lake.read("events").num_rows == 20
+    assert lake.read("events", snapshot_id=before.snapshot_id).num_rows == 10
+    as_of = datetime.fromtimestamp(before.timestamp_ms / 1000, tz=timezone.utc)
+    assert lake.read("events", as_of=as_of).num_rows == 10
+    assert lake.read("events", as_of=as_of - timedelta(days=1)).num_rows == 0
+    with pytest.raises(LakehouseError, match="no snapshot"):
+        lake.read("events", snapshot_id=12345)
+
+
+# registry, feature store, lineage ----------------------------------------------------------------
+
+
+def model(name: str = "acme-rnn", **changes) -> ModelVersion:
+    return ModelVersion(name=name, version=0, kind="rnn", tenant="acme", artifact_uri=f"file:///models/{name}", **changes)
+
+
+def test_registry_versions_promotion_retirement_and_weights_survive_a_restart(lake, make_settings):
+    first = lake.registry.register(model(metrics={"f1": 0.7}))
+    second = lake.registry.register(model(metrics={"f1": 0.8}))
+    other = lake.registry.register(model("acme-cnn"))
+    assert (first.version, second.version, other.version) == (1, 2, 1)
+    lake.registry.promote("acme-rnn", 1)
+    lake.registry.promote("acme-cnn", 1)
+    lake.registry.promote("acme-rnn", 2)
+    assert {m.key for m in lake.registry.active("acme")} == {"acme-rnn@2", "acme-cnn@1"}
+    assert lake.registry.get("acme-rnn", 1).status == ModelStatus.RETIRED
+    assert lake.registry.get("acme-rnn", 2).metrics == {"f1": 0.8}
+    lake.registry.set_weights("acme", {"acme-rnn@2": 0.75, "acme-cnn@1": 0.25})
+    with pytest.raises(LakehouseError, match="acme-gru@1"):
+        lake.registry.set_weights("acme", {"acme-rnn@2": 0.1, "acme-gru@1": 0.9})
+
+    restarted = Lakehouse.open(make_settings())
+    assert {m.key: m.ensemble_weight for m in restarted.registry.active("acme")} == {"acme-rnn@2": 0.75, "acme-cnn@1": 0.25}
+    restarted.registry.retire("acme-cnn", 1)
+    assert [m.key for m in restarted.registry.list(tenant="acme", status="retired")] == ["acme-cnn@1", "acme-rnn@1"]
+    with pytest.raises(LakehouseError, match="not registered"):
+        restarted.registry.get("acme-rnn", 9)
+
+
+def test_concurrent_registrations_get_distinct_versions(lake):
+    versions: list[int] = []
+
+    def register_three() -> None:
+        versions.extend(lake.registry.register(model()).version for _ in range(3))
+
+    threads = [threading.Thread(target=register_three) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+
+
+def feature_row(entity: str, minute: int, version: str = "fs1", subject: str | None = None) -> dict:
+    return {
+        "tenant": "acme",
+        "entity": entity,
+        "window_start": T0 + timedelta(minutes=minute),
+        "window_end": T0 + timedelta(minutes=minute + 1),
+        "feature_set_version": version,
+        "vector": [float(minute), 1.0],
+        "subject": subject,
+    }
+
+
+def test_feature_store_online_latest_follows_appends_and_deletes(lake):
+    lake.append_idempotent("features", [feature_row("pump-1", 0), feature_row("pump-2", 0), feature_row("pump-1", 1)])
+    latest = lake.features.online_latest("acme", ["pump-2", "pump-1", "pump-9"])
+    assert latest["entity"].to_pylist() == ["pump-2", "pump-1"]
+    assert [vector[0] for vector in latest["vector"].to_pylist()] == [0.0, 1.0]
+
+    lake.append_idempotent("features", [feature_row("pump-1", 5, subject="s-1")])
+    assert lake.features.online_latest("acme", ["pump-1"])["vector"].to_pylist() == [[5.0, 1.0]]
+    lake.erase("s-1", actor="test")
+    assert lake.features.online_latest("acme", ["pump-1"])["vector"].to_pylist() == [[1.0, 1.0]]
+
+
+def test_feature_store_offline_range_as_arrow_and_as_ray_dataset(lake, ray_cluster):
+    lake.append_idempotent("features", [feature_row(f"pump-{e}", minute) for e in range(3) for minute in range(10)])
+    lake.append_idempotent("features", [feature_row("pump-0", 3, version="fs2")])
+    start, end = T0 + timedelta(minutes=3), T0 + timedelta(minutes=6)  # window ends at minutes 3, 4, 5
+    rows = lake.features.offline_range("acme", start, end, feature_set_version="fs1")
+    assert rows.num_rows == 9
+    assert pc.min(rows["window_end"]).as_py() == start
+    dataset = lake.features.offline_dataset("acme", start, end, feature_set_version="fs1")
+    assert sorted(row["feature_id"] for row in dataset.take_all()) == sorted(rows["feature_id"].to_pylist())
+
+
+def test_lineage_resolves_features_and_model_versions_with_training_snapshots(lake):
+    lake.append_idempotent("events", events(3))
+    training_snapshot = lake.snapshots("events")[-1].snapshot_id
+    registered = lake.registry.register(
+        model(feature_set_version="fs1", training_snapshot_ids={"events": training_snapshot})
+    )
+    lake.append_idempotent(
+        "features", [feature_row("pump-1", 0), feature_row("pump-1", 0, version="fs0"), feature_row("pump-1", 5)]
+    )
+    prediction = Prediction(
+        event_id="acme-ev-1",
+        tenant="acme",
+        entity="pump-1",
+        event_time=T0 + timedelta(seconds=30),
+        scores={registered.key: 0.9},
+        ensemble_score=0.9,
+        is_anomaly=True,
+        model_versions={"acme-rnn": str(registered.version), "acme-gone": "4"},
+    )
+    lake.append_idempotent("predictions", [prediction])
+    lineage = lake.lineage(prediction.prediction_id)
+    assert lineage.prediction["event_id"] == "acme-ev-1"
+    assert [m.key for m in lineage.models] == ["acme-rnn@1"]
+    assert lineage.models[0].training_snapshot_ids == {"events": training_snapshot}
+    assert lineage.features["feature_set_version"].to_pylist() == ["fs1"]
+    assert lineage.features["window_start"].to_pylist() == [T0]
+    assert lineage.unregistered_models == {"acme-gone": "4"}
+    with pytest.raises(LakehouseError, match="no prediction"):
+        lake.lineage("nope")
+
+
+# erasure -----------------------------------------------------------------------------------------
+
+
+def write_everything_about(lake: Lakehouse, subject: str, offset: int) -> None:
+    """Rows about ``subject`` in every table, over several commits (so several snapshots)."""
+    batch = events(6, subject=subject, start=offset)
+    batch[0] = batch[0].model_copy(update={"subject": None})
+    lake.append_idempotent("events", batch[:3])
+    large = {**batch[3].model_dump(), "payload": os.urandom(lake.settings.inline_payload_max_bytes + 1)}
+    lake.append_idempotent("events", [large, *batch[4:]])
+    lake.append_idempotent("features", [feature_row("pump-1", offset, subject=subject)])
+    prediction = Prediction(
+        event_id=batch[1].event_id,
+        tenant="acme",
+        entity="pump-1",
+        event_time=batch[1].event_time,
+        scores={},
+        ensemble_score=0.1,
+        is_anomaly=False,
+        model_versions={},
+        subject=subject,
+    )
+    lake.append_idempotent("predictions", [prediction])
+    lake.append_idempotent(
+        "feedback", [Feedback(prediction_id=prediction.prediction_id, tenant="acme", is_anomaly=False, subject=subject)]
+    )
+    lake.append_idempotent(
+        "enrichments",
+        [{"enrichment_id": f"en-{offset}", "tenant": "acme", "source": "reasoning", "created_at": T0, "subject": subject}],
+    )
+
+
+def parquet_files_holding(folder: Path, subject: str) -> list[Path]:
+    held = []
+    for path in folder.rglob("*.parquet"):
+        table = pq.read_table(path)
+        if "subject" in table.column_names and subject in table["subject"].to_pylist():
+            held.append(path)
+    return held
+
+
+def test_erasure_leaves_no_trace_in_current_data_snapshots_or_files_and_is_audited(lake, make_settings):
+    write_everything_about(lake, "alice", offset=0)
+    write_everything_about(lake, "bob", offset=100)
+    [blob_uri] = lake.read("events", where=And(EqualTo("subject", "alice"), NotNull("payload_uri")))["payload_uri"].to_pylist()
+
+    report = lake.erase("alice", actor="dpo@example.com")
+
+    assert {t.table: t.rows_removed for t in report.tables} == {
+        "events": 5,
+        "features": 1,
+        "predictions": 1,
+        "feedback": 1,
+        "enrichments": 1,
+    }
+    for table in WITH_SUBJECT:
+        assert rows_about(lake, table, "alice") == 0
+        assert rows_about(lake, table, "bob") > 0, f"bob's rows in {table} must survive"
+        for snapshot in lake.snapshots(table):
+            assert rows_about(lake, table, "alice", snapshot.snapshot_id) == 0, f"{table}@{snapshot.snapshot_id}"
+    assert lake.read("events").num_rows == 7  # bob's 5, and the two events that named nobody
+    warehouse = Path(make_settings().lakehouse.warehouse)
+    assert parquet_files_holding(warehouse, "alice") == []
+    assert parquet_files_holding(warehouse, "bob") != []
+    assert not lake.io.new_input(blob_uri).exists()
+
+    audit = lake.read("audit", where=EqualTo("action", "erase"))
+    assert sorted(audit["table_name"].to_pylist()) == sorted(WITH_SUBJECT)
+    assert set(audit["actor"].to_pylist()) == {"dpo@example.com"}
+    assert set(audit["row_filter"].to_pylist()) == {f"subject {report.subject_digest}"}
+    assert "alice" not in str(lake.read("audit").to_pylist())
+
+
+# maintenance and replication ---------------------------------------------------------------------
+
+
+def test_maintenance_compacts_small_files_and_expires_old_snapshots(lake, make_settings):
+    for start in range(0, 60, 10):
+        lake.append_idempotent("events", events(10, start=start))
+    before = lake.read("events").sort_by("event_id")
+    assert lake.table("events").inspect.files().num_rows == 6
+
+    reports = {report.table: report for report in lake.maintain(retention_hours=0)}
+
+    assert reports["events"].partitions_compacted == 1
+    assert (reports["events"].data_files_before, reports["events"].data_files_after) == (6, 1)
+    assert lake.read("events").sort_by("event_id").equals(before)
+    assert len(lake.snapshots("events")) == 1
+    live = {uri.rsplit("/", 1)[-1] for uri in lake.table("events").inspect.files()["file_path"].to_pylist()}
+    events_folder = Path(make_settings().lakehouse.warehouse) / "rtml_test" / "events"
+    on_disk = {path.name for path in events_folder.rglob("*.parquet")}
+    assert on_disk == live  # the compacted-away files went with their expired snapshots
+
+
+def test_replication_copies_every_table_then_only_what_is_new(lake, make_settings):
+    write_everything_about(lake, "alice", offset=0)
+    lake.registry.register(model())
+    replica_settings = make_settings("replica")
+
+    def assert_identical(replica: Lakehouse) -> None:
+        for table in ("events", "features", "predictions", "feedback", "models", "enrichments", "audit"):
+            assert replica.read(table).num_rows == lake.read(table).num_rows, table
+            assert replica.table(table).schema().as_struct() == lake.table(table).schema().as_struct(), table
+
+    first = {report.table: report for report in lake.replicate(to=replica_settings)}
+    assert first["events"].mode == "full" and first["events"].rows_copied == 6
+    replica = Lakehouse.open(replica_settings)
+    assert_identical(replica)
+    [primary_event] = lake.read("events", where=NotNull("payload_uri")).to_pylist()
+    [replica_event] = replica.read("events", where=NotNull("payload_uri")).to_pylist()
+    assert replica_event["payload_uri"].startswith(replica.table("events").location())
+    assert replica.payload(replica_event) == lake.payload(primary_event)
+    with pytest.raises(LakehouseError, match="itself"):
+        lake.replicate(to=lake)
+
+    lake.append_idempotent("events", events(4, start=50))
+    second = {report.table: report for report in lake.replicate(to=replica_settings)}
+    assert (second["events"].mode, second["events"].rows_copied) == ("incremental", 4)
+    assert second["models"].mode == "unchanged"
+    assert_identical(replica)
+
+    lake.erase("alice", actor="test")
+    lake.replicate(to=replica_settings)
+    assert_identical(replica)
+    for table in WITH_SUBJECT:
+        for snapshot in replica.snapshots(table):
+            assert rows_about(replica, table, "alice", snapshot.snapshot_id) == 0
+
+
+# broken metadata ---------------------------------------------------------------------------------
+
+
+def metadata_path(lake: Lakehouse, table: str) -> Path:
+    return Path(lake.table(table).metadata_location.removeprefix("file://"))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_corrupt_or_missing_metadata_is_a_clear_error_naming_the_table(lake, damage):
+    lake.append_idempotent("events", events(3))
+    path = metadata_path(lake, "events")
+    if damage == "corrupt":
+        path.write_text('{"format-version": 2, "table-uuid": "not json')
+    else:
+        path.unlink()
+    with pytest.raises(TableMetadataError, match="rtml_test.events"):
+        lake.read("events")
+    with pytest.raises(TableMetadataError, match="rtml_test.events"):
+        lake.append_idempotent("events", events(1, start=10))
+    assert lake.read("predictions").num_rows == 0  # the other tables are unaffected
+
+
+def test_cli_reports_broken_metadata_without_a_traceback(lake, make_settings, catalog_kind):
+    if catalog_kind != "sqlite":
+        pytest.skip("the CLI check needs only the embedded catalog")
+    lake.append_idempotent("events", events(3))
+    metadata_path(lake, "events").write_text("garbage")
+    settings = make_settings()
+    env = {
+        **os.environ,
+        "RTML_HOME": str(settings.home),
+        "RTML_LAKEHOUSE__WAREHOUSE": settings.lakehouse.warehouse,
+        "RTML_LAKEHOUSE__NAMESPACE": settings.lakehouse.namespace,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "rtml", "lakehouse", "maintain"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert "rtml_test.events" in result.stderr
+    assert "Traceback" not in result.stderr
