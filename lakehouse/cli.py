@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,12 +20,14 @@ console = Console()
 
 def erase(
     subject: Annotated[str, typer.Option("--subject", help="The data subject's id, as in the tables' `subject` column.")],
-    actor: Annotated[str, typer.Option(help="Who asks for the erasure (recorded in the audit table).")] = getpass.getuser(),
+    actor: Annotated[
+        Optional[str], typer.Option(help="Who asks for the erasure (recorded in the audit table); default: your login.")
+    ] = None,
 ) -> None:
     """Right to erasure: delete every row about a data subject, in every table and snapshot."""
     from lakehouse import Lakehouse
 
-    report = Lakehouse.open().erase(subject, actor=actor)
+    report = Lakehouse.open().erase(subject, actor=actor or _login())
     table = Table(title=f"erased subject {report.subject_digest}")
     for column in ("table", "rows removed", "snapshots expired", "files deleted", "blobs deleted"):
         table.add_column(column, justify="left" if column == "table" else "right")
@@ -102,3 +105,11 @@ def replica_settings(to: str, warehouse: str | None) -> LakehouseSettings:
         raise LakehouseError(f"--to {to} is a catalog URI: name the replica's warehouse too (--warehouse PATH_OR_URI)")
     catalog_type = "rest" if to.startswith(("http://", "https://")) else "sql"
     return primary.model_copy(update={"catalog_type": catalog_type, "catalog_uri": to, "warehouse": warehouse})
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return f"uid:{os.getuid()}"
+

@@ -12,6 +12,8 @@ number of times, with jittered exponential back-off so that racing writers sprea
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from sqlalchemy.exc import OperationalError
@@ -27,14 +29,16 @@ from tenacity import (
 from lakehouse.errors import LakehouseError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # OperationalError: SQLite's "database is locked" under concurrent writers, or a dropped PostgreSQL
 # connection. Re-running a unit is safe either way because each unit re-reads the table first.
 _CONFLICTS = (CommitFailedException, ValidationException, OperationalError)
 
 
-def on_conflict_retry(table: str, attempts: int) -> Retrying:
-    """``for attempt in on_conflict_retry(...): with attempt: <unit of work>``."""
+def retry_on_conflict(table: str, attempts: int, unit: Callable[[], T]) -> T:
+    """Run ``unit`` until it commits without a conflict, at most ``attempts`` times; ``unit`` must
+    start from freshly loaded table metadata."""
 
     def give_up(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -43,10 +47,11 @@ def on_conflict_retry(table: str, attempts: int) -> Retrying:
             f"{state.attempt_number} attempts ({error}); raise lakehouse.commit_retries or write in larger batches"
         ) from error
 
-    return Retrying(
+    retrying = Retrying(
         retry=retry_if_exception_type(_CONFLICTS),
         stop=stop_after_attempt(max(1, attempts)),
         wait=wait_random_exponential(multiplier=0.05, max=2.0),
         retry_error_callback=give_up,
         before_sleep=before_sleep_log(log, logging.INFO),
     )
+    return retrying(unit)

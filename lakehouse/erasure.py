@@ -26,12 +26,13 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
-from lakehouse.commits import on_conflict_retry
+from lakehouse.commits import retry_on_conflict
 from lakehouse.errors import LakehouseError
 from lakehouse.snapshots import data_files_of, expire
 from lakehouse.tables import SUBJECT, TABLES, TableDef
@@ -79,16 +80,18 @@ def _erase_from(lakehouse: Lakehouse, table: TableDef, subject: str, digest: str
 
     about_subject = EqualTo(SUBJECT, subject)
     pointers = ("payload_uri",) if "payload_uri" in table.arrow_schema().names else ()
-    removed, blobs, snapshot_id = 0, [], None
-    for attempt in on_conflict_retry(table.name, lakehouse.settings.commit_retries):
-        with attempt:
-            current = load()
-            found = current.scan(row_filter=about_subject, selected_fields=(table.key, *pointers)).to_arrow()
-            if found.num_rows:
-                current.delete(about_subject, snapshot_properties={"rtml.erasure": digest})
-                snapshot_id = current.current_snapshot().snapshot_id
-            removed = found.num_rows
-            blobs = [uri for uri in (found[pointers[0]].to_pylist() if pointers else []) if uri]
+
+    def delete_rows() -> tuple[pa.Table, int | None]:
+        current = load()
+        found = current.scan(row_filter=about_subject, selected_fields=(table.key, *pointers)).to_arrow()
+        if not found.num_rows:
+            return found, None
+        current.delete(about_subject, snapshot_properties={"rtml.erasure": digest})
+        return found, current.current_snapshot().snapshot_id
+
+    found, snapshot_id = retry_on_conflict(table.name, lakehouse.settings.commit_retries, delete_rows)
+    removed = found.num_rows
+    blobs = [uri for uri in found[pointers[0]].to_pylist() if uri] if pointers else []
     for uri in blobs:
         lakehouse.io.delete(uri)
 

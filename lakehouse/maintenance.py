@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.table import Table
 
-from lakehouse.commits import on_conflict_retry
+from lakehouse.commits import retry_on_conflict
 from lakehouse.snapshots import expire
 from lakehouse.tables import TABLES, TableDef, time_literal
 
@@ -79,11 +79,13 @@ def compact(load: Callable[[], Table], table: TableDef, min_files: int, small_fi
     crowded = [dict(partition) for partition, count in per_partition.items() if count >= min_files]
     for partition in crowded:
         condition = _partition_filter(table, partition)
-        for attempt in on_conflict_retry(table.name, attempts):
-            with attempt:
-                current = load()
-                rows = current.scan(row_filter=condition).to_arrow().sort_by(table.time_column)
-                current.overwrite(rows, overwrite_filter=condition, snapshot_properties={"rtml.compaction": "true"})
+
+        def rewrite(condition: BooleanExpression = condition) -> None:
+            current = load()
+            rows = current.scan(row_filter=condition).to_arrow().sort_by(table.time_column)
+            current.overwrite(rows, overwrite_filter=condition, snapshot_properties={"rtml.compaction": "true"})
+
+        retry_on_conflict(table.name, attempts, rewrite)
     return len(crowded)
 
 

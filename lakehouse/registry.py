@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In
 from pyiceberg.table import Table
 
-from lakehouse.commits import on_conflict_retry
+from lakehouse.commits import retry_on_conflict
 from lakehouse.errors import LakehouseError
 from lakehouse.tables import MODELS, to_arrow
 from rtml.schemas import ModelStatus, ModelVersion
@@ -29,15 +29,15 @@ class ModelRegistry:
 
     def register(self, model: ModelVersion) -> ModelVersion:
         """Store ``model`` as the next version of its name (its own ``version`` is ignored)."""
-        for attempt in on_conflict_retry(MODELS.name, self._attempts):
-            with attempt:
-                table = self._load()
-                versions = _scan(table, EqualTo("name", model.name), ("version",))["version"]
-                next_version = (pc.max(versions).as_py() or 0) + 1
-                registered = model.model_copy(update={"version": next_version})
-                table.append(_rows([registered]))
-                return registered
-        raise AssertionError("unreachable: on_conflict_retry either returns or raises")
+
+        def unit() -> ModelVersion:
+            table = self._load()
+            versions = _scan(table, EqualTo("name", model.name), ("version",))["version"]
+            registered = model.model_copy(update={"version": (pc.max(versions).as_py() or 0) + 1})
+            table.append(_rows([registered]))
+            return registered
+
+        return retry_on_conflict(MODELS.name, self._attempts, unit)
 
     def list(self, tenant: str | None = None, status: ModelStatus | str | None = None) -> list[ModelVersion]:
         """Model versions, newest first, optionally of one tenant and/or in one status."""
@@ -86,21 +86,21 @@ class ModelRegistry:
         bad = {key: weight for key, weight in weights.items() if not (weight >= 0.0 and weight != float("inf"))}
         if bad:
             raise LakehouseError(f"ensemble weights must be finite and non-negative: {bad}")
-        for attempt in on_conflict_retry(MODELS.name, self._attempts):
-            with attempt:
-                table = self._load()
-                condition = EqualTo("tenant", tenant)
-                models = _models(_scan(table, condition))
-                unknown = set(weights) - {model.key for model in models}
-                if unknown:
-                    raise LakehouseError(f"tenant {tenant!r} has no registered model(s) {sorted(unknown)}")
-                changed = [
-                    model.model_copy(update={"ensemble_weight": float(weights[model.key])})
-                    for model in models
-                    if model.key in weights
-                ]
-                table.overwrite(_rows(changed), overwrite_filter=_any_of(changed))
-                return
+
+        def unit() -> None:
+            table = self._load()
+            models = _models(_scan(table, EqualTo("tenant", tenant)))
+            unknown = set(weights) - {model.key for model in models}
+            if unknown:
+                raise LakehouseError(f"tenant {tenant!r} has no registered model(s) {sorted(unknown)}")
+            changed = [
+                model.model_copy(update={"ensemble_weight": float(weights[model.key])})
+                for model in models
+                if model.key in weights
+            ]
+            table.overwrite(_rows(changed), overwrite_filter=_any_of(changed))
+
+        retry_on_conflict(MODELS.name, self._attempts, unit)
 
     def _rewrite(
         self,
@@ -109,16 +109,17 @@ class ModelRegistry:
         condition: BooleanExpression,
         change: Callable[[ModelVersion], ModelVersion | None],
     ) -> None:
-        for attempt in on_conflict_retry(MODELS.name, self._attempts):
-            with attempt:
-                table = self._load()
-                models = _models(_scan(table, condition))
-                if not any(model.version == version and model.name == name for model in models):
-                    raise LakehouseError(f"model {name}@{version} is not registered")
-                changed = [new for model in models if (new := change(model)) is not None and new != model]
-                if changed:
-                    table.overwrite(_rows(changed), overwrite_filter=_any_of(changed))
-                return
+
+        def unit() -> None:
+            table = self._load()
+            models = _models(_scan(table, condition))
+            if not any(model.version == version and model.name == name for model in models):
+                raise LakehouseError(f"model {name}@{version} is not registered")
+            changed = [new for model in models if (new := change(model)) is not None and new != model]
+            if changed:
+                table.overwrite(_rows(changed), overwrite_filter=_any_of(changed))
+
+        retry_on_conflict(MODELS.name, self._attempts, unit)
 
 
 def _version(name: str, version: int) -> BooleanExpression:

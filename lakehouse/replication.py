@@ -23,7 +23,7 @@ from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.table import Table
 
 from lakehouse.blobs import relocate_blobs
-from lakehouse.commits import on_conflict_retry
+from lakehouse.commits import retry_on_conflict
 from lakehouse.snapshots import expire, only_appends_since
 from lakehouse.tables import EVENTS, TABLES
 
@@ -51,37 +51,39 @@ def _replicate_table(source: Lakehouse, target: Lakehouse, name: str) -> Replica
     snapshot = primary.current_snapshot()
     if snapshot is None:
         return ReplicationReport(name, None, "unchanged", 0)
-    for attempt in on_conflict_retry(name, target.settings.commit_retries):
-        with attempt:
-            replica = target.table(name)
-            _align_schema(primary, replica)
-            copied_from = _replicated_from(replica)
-            if copied_from == snapshot.snapshot_id:
-                return ReplicationReport(name, snapshot.snapshot_id, "unchanged", 0)
-            properties = {REPLICATED_FROM: str(snapshot.snapshot_id)}
-            transaction = replica.transaction()
-            if copied_from is not None and only_appends_since(primary, copied_from):
-                mode = "incremental"
-                reader = primary.incremental_append_scan(
-                    from_snapshot_id_exclusive=copied_from, to_snapshot_id_inclusive=snapshot.snapshot_id
-                ).to_arrow_batch_reader()
-            else:
-                mode = "full"
-                reader = primary.scan(snapshot_id=snapshot.snapshot_id).to_arrow_batch_reader()
-                if replica.current_snapshot() is not None:
-                    transaction.delete(AlwaysTrue(), snapshot_properties=properties)
-            copied = 0
-            for chunk in _chunks(reader):
-                if name == EVENTS.name:
-                    chunk = relocate_blobs(chunk, source.io, target.io, primary.location(), replica.location())
-                transaction.append(chunk, snapshot_properties=properties)
-                copied += chunk.num_rows
-            if copied == 0:
-                # Nothing to copy (e.g. the primary was emptied): still record how far the replica is.
-                transaction.append(replica.schema().as_arrow().empty_table(), snapshot_properties=properties)
-            transaction.commit_transaction()
-            break
-    if mode == "full":
+
+    def copy() -> ReplicationReport:
+        replica = target.table(name)
+        _align_schema(primary, replica)
+        copied_from = _replicated_from(replica)
+        if copied_from == snapshot.snapshot_id:
+            return ReplicationReport(name, snapshot.snapshot_id, "unchanged", 0)
+        properties = {REPLICATED_FROM: str(snapshot.snapshot_id)}
+        transaction = replica.transaction()
+        if copied_from is not None and only_appends_since(primary, copied_from):
+            mode = "incremental"
+            reader = primary.incremental_append_scan(
+                from_snapshot_id_exclusive=copied_from, to_snapshot_id_inclusive=snapshot.snapshot_id
+            ).to_arrow_batch_reader()
+        else:
+            mode = "full"
+            reader = primary.scan(snapshot_id=snapshot.snapshot_id).to_arrow_batch_reader()
+            if replica.current_snapshot() is not None:
+                transaction.delete(AlwaysTrue(), snapshot_properties=properties)
+        copied = 0
+        for chunk in _chunks(reader):
+            if name == EVENTS.name:
+                chunk = relocate_blobs(chunk, source.io, target.io, primary.location(), replica.location())
+            transaction.append(chunk, snapshot_properties=properties)
+            copied += chunk.num_rows
+        if copied == 0:
+            # Nothing to copy (e.g. the primary was emptied): still record how far the replica is.
+            transaction.append(replica.schema().as_arrow().empty_table(), snapshot_properties=properties)
+        transaction.commit_transaction()
+        return ReplicationReport(name, snapshot.snapshot_id, mode, copied)
+
+    report = retry_on_conflict(name, target.settings.commit_retries, copy)
+    if report.mode == "full":
         # The replica mirrors the primary's current state; its own older snapshots would only keep
         # rows the primary has since removed (an erased subject among them).
         expire(
@@ -90,7 +92,7 @@ def _replicate_table(source: Lakehouse, target: Lakehouse, name: str) -> Replica
             lambda replica: [s.snapshot_id for s in replica.snapshots()],
             target.settings.commit_retries,
         )
-    return ReplicationReport(name, snapshot.snapshot_id, mode, copied)
+    return report
 
 
 def _replicated_from(replica: Table) -> int | None:

@@ -16,7 +16,7 @@ from pyiceberg.manifest import ManifestFile
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot, ancestors_of
 
-from lakehouse.commits import on_conflict_retry
+from lakehouse.commits import retry_on_conflict
 
 
 @dataclass(frozen=True)
@@ -64,17 +64,22 @@ class Expiry:
 def expire(load: Callable[[], Table], table_name: str, choose: Callable[[Table], Iterable[int]], attempts: int) -> Expiry:
     """Expire the snapshots that ``choose`` picks from the freshly loaded table (never the current
     one), then delete the files that only those snapshots referenced."""
-    for attempt in on_conflict_retry(table_name, attempts):
-        with attempt:
-            table = load()
-            current = table.current_snapshot()
-            doomed = sorted(set(choose(table)) - ({current.snapshot_id} if current else set()))
-            if not doomed:
-                return Expiry((), 0)
-            doomed_files = set().union(*(files_of(table, table.snapshot_by_id(i)) for i in doomed))
-            table.maintenance.expire_snapshots().by_ids(doomed).commit()
+
+    def expire_chosen() -> tuple[list[int], set[str]]:
+        table = load()
+        current = table.current_snapshot()
+        doomed = sorted(set(choose(table)) - ({current.snapshot_id} if current else set()))
+        if not doomed:
+            return [], set()
+        doomed_files = set().union(*(files_of(table, table.snapshot_by_id(i)) for i in doomed))
+        table.maintenance.expire_snapshots().by_ids(doomed).commit()
+        return doomed, doomed_files
+
+    doomed, doomed_files = retry_on_conflict(table_name, attempts, expire_chosen)
+    if not doomed:
+        return Expiry((), 0)
     table = load()
-    kept_files = set().union(set(), *(files_of(table, snapshot) for snapshot in table.snapshots()))
+    kept_files = set().union(*(files_of(table, snapshot) for snapshot in table.snapshots()))
     unreferenced = doomed_files - kept_files
     for path in unreferenced:
         table.io.delete(path)

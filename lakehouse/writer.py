@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, BooleanExpression, GreaterThanOrEqual, In, LessThanOrEqual
 from pyiceberg.table import Table
 
-from lakehouse.commits import on_conflict_retry
+from lakehouse.commits import retry_on_conflict
 from lakehouse.errors import LakehouseError
 from lakehouse.tables import TableDef, time_literal
 
@@ -62,15 +62,16 @@ def append_idempotent(load: Callable[[], Table], table: TableDef, rows: pa.Table
     rows = first_row_per_key(rows, key)
     if rows.num_rows == 0:
         return 0
-    for attempt in on_conflict_retry(table.name, attempts):
-        with attempt:
-            current = load()
-            held = existing_keys(current, table, rows, key)
-            fresh = rows.filter(pc.invert(pc.is_in(rows[key], value_set=held))) if len(held) else rows
-            if fresh.num_rows:
-                current.append(fresh)
-            return fresh.num_rows
-    raise AssertionError("unreachable: on_conflict_retry either returns or raises")
+
+    def unit() -> int:
+        current = load()
+        held = existing_keys(current, table, rows, key)
+        fresh = rows.filter(pc.invert(pc.is_in(rows[key], value_set=held))) if len(held) else rows
+        if fresh.num_rows:
+            current.append(fresh)
+        return fresh.num_rows
+
+    return retry_on_conflict(table.name, attempts, unit)
 
 
 def first_row_per_key(rows: pa.Table, key: str) -> pa.Table:
