@@ -3,7 +3,9 @@
 Forecasters (``"rnn"``, ``"cnn"``, ``"hybrid"``) read a batch of context windows of normalised
 values, ``float32 [B, context_length]`` oldest first, and return ``float32 [B]``: the forecast of
 the value ``horizon`` steps after the window's last value. One feature per step (a univariate
-series); normalisation is the caller's job (see ``models.scoring``).
+series); normalisation is the caller's job (see ``models.scoring``). Forecasters see the window
+relative to its last value and forecast a change from it, so a shift in level changes nothing but
+the level of the forecast.
 
 The image network (``"image_cnn"``) is a convolutional autoencoder: it reads frames
 ``float32 [B, height, width]`` with values in about [0, 1] and returns their reconstructions of the
@@ -46,9 +48,9 @@ class RecurrentForecaster(nn.Module):
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        outputs, _ = self.recurrent(windows.unsqueeze(-1))
-        # The forecast is the last value plus a learned change, which keeps level shifts cheap.
-        return windows[:, -1] + self.head(outputs[:, -1]).squeeze(-1)
+        last = windows[:, -1]
+        outputs, _ = self.recurrent((windows - last.unsqueeze(1)).unsqueeze(-1))
+        return last + self.head(outputs[:, -1]).squeeze(-1)
 
 
 class CausalConvBlock(nn.Module):
@@ -90,8 +92,9 @@ class ConvForecaster(nn.Module):
         self.head = nn.Linear(channels, 1)
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        features = self.features(windows.unsqueeze(1))
-        return windows[:, -1] + self.head(features[:, :, -1]).squeeze(-1)
+        last = windows[:, -1]
+        features = self.features((windows - last.unsqueeze(1)).unsqueeze(1))
+        return last + self.head(features[:, :, -1]).squeeze(-1)
 
 
 class HybridForecaster(nn.Module):
@@ -115,9 +118,10 @@ class HybridForecaster(nn.Module):
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        features = self.features(windows.unsqueeze(1)).transpose(1, 2)
+        last = windows[:, -1]
+        features = self.features((windows - last.unsqueeze(1)).unsqueeze(1)).transpose(1, 2)
         outputs, _ = self.recurrent(features)
-        return windows[:, -1] + self.head(outputs[:, -1]).squeeze(-1)
+        return last + self.head(outputs[:, -1]).squeeze(-1)
 
 
 class ImageAutoencoder(nn.Module):

@@ -15,6 +15,7 @@ from rich.console import Console
 from cluster.cli import app as services_app
 from lakehouse.cli import app as lakehouse_app
 from lakehouse.cli import erase
+from models.cli import nab_app
 from rtml.errors import NotImplementedYet, RtmlError
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(services_app, name="services")
+app.add_typer(nab_app, name="nab")
 
 bench_app = typer.Typer(help="Side-by-side benchmarks; figures go to benchmarks/RESULTS.md.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -43,12 +45,6 @@ def demo() -> None:
 def up() -> None:
     """Start a local Ray cluster and the Serve app on embedded defaults; print the URLs."""
     raise NotImplementedYet("up", "serving")
-
-
-@app.command()
-def nab() -> None:
-    """Run the anomaly detector over a NAB corpus, and score results (`rtml nab score`)."""
-    raise NotImplementedYet("nab", "models")
 
 
 @app.command()

@@ -1,0 +1,74 @@
+"""The models' commands: `rtml nab` (run the detector over a NAB corpus), `rtml nab score`, and
+`rtml train`. Heavy imports stay inside the functions so that `rtml --help` is instant."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+nab_app = typer.Typer(
+    help="Run the anomaly detector over a NAB corpus (`rtml nab --data D --out O`), and score results "
+    "(`rtml nab score --results O --labels W.json`).",
+    invoke_without_command=True,
+)
+
+
+@nab_app.callback()
+def nab(
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, help="NAB data directory: <category>/<name>.csv with timestamp,value."),
+    out: Optional[Path] = typer.Option(None, help="Where to write <category>/<name>.csv with anomaly_score."),
+    workers: int = typer.Option(0, help="Parallel series (Ray tasks); 0 = one per free core."),
+) -> None:
+    """Run the streaming detector causally over every series of a NAB-layout directory."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if data is None or out is None:
+        raise typer.BadParameter("give both --data DIR and --out DIR (or a subcommand: `rtml nab score`)")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from models.nab.runner import find_series, run_corpus
+
+    total = len(find_series(data))
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+    ) as progress:
+        task = progress.add_task("detecting", total=total)
+        run_corpus(data, out, workers=workers or None, on_done=lambda name: progress.advance(task))
+    Console().print(f"wrote {total} result files to {out} in {time.perf_counter() - started:.0f} s")
+
+
+@nab_app.command("score")
+def nab_score(
+    results: Path = typer.Option(..., help="Directory written by `rtml nab --out`."),
+    labels: Path = typer.Option(..., help="NAB label windows JSON (combined_windows.json)."),
+    report: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
+) -> None:
+    """Score result files with NAB's rules: one corpus-wide threshold per profile, normalised 0-100."""
+    from rich.table import Table
+
+    from models.nab.scorer import load_results, score_corpus
+
+    files, total_windows = load_results(results, labels)
+    outcomes = score_corpus(files, total_windows)
+    table = Table("profile", "score", "threshold", "raw", "null", "perfect", title=f"NAB scores of {results}")
+    for result in outcomes:
+        table.add_row(
+            result.profile.name,
+            f"{result.normalized:.2f}",
+            f"{result.threshold:.6f}",
+            f"{result.raw:.3f}",
+            f"{result.null:.1f}",
+            f"{result.perfect:.1f}",
+        )
+    Console().print(table)
+    if report is not None:
+        report.write_text(
+            json.dumps({r.profile.name: {"score": r.normalized, "threshold": r.threshold} for r in outcomes}, indent=2)
+        )

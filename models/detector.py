@@ -1,0 +1,156 @@
+"""The streaming anomaly detector for one series: an ensemble of torch forecasters whose errors are
+turned into a calibrated anomaly likelihood.
+
+    scores = detect(values, learning_rows=600)   # float64 [n] in [0, 1], one per value
+
+Causal: the score of value t uses only values 0..t (appending values never changes earlier scores;
+``learning_rows`` is fixed by the caller, as NAB fixes every detector's probationary period). The
+detector learns on the first ``learning_rows`` values and keeps adapting afterwards:
+
+1. Forecasts. Each forecaster (GRU, TCN, CNN+GRU hybrid, with its own context length and horizon)
+   is first trained on the first half of the learning period and forecasts its second half (so the
+   error distribution starts from honest out-of-sample errors), then refitted every
+   ``refit_every`` values on the most recent ``history`` values (warm start, few epochs). Between
+   refits a model is frozen, so a whole segment is forecast in one batched forward pass.
+2. Errors. |value - forecast| divided by the spread of the recent values (online normalisation).
+3. Likelihood, as Numenta's anomaly likelihood: the mean of the last ``short_window`` errors is
+   compared with the distribution of that mean over the last ``long_window`` values (mean and
+   standard deviation, not including now); the normal tail probability of the difference, on a log
+   scale (``-log10(p) / 10``), is the model's score. Scores are averaged over the ensemble.
+4. Novelty: a value beyond the range seen so far by more than ``spatial_tolerance`` of that range
+   scores 1, as in Numenta's detector (people label such values anomalous).
+5. Only the first of consecutive high scores stays high (``quiet_after``): an anomaly is reported
+   once, not at every value that follows it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models import _fit
+from models.networks import build_network
+from models.scoring import tail_score
+
+
+@dataclass(frozen=True)
+class ForecasterSpec:
+    kind: str
+    context_length: int
+    horizon: int = 1
+    hparams: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    forecasters: tuple[ForecasterSpec, ...] = (
+        ForecasterSpec("rnn", 24, hparams={"hidden": 16}),
+        ForecasterSpec("cnn", 48, hparams={"channels": 12, "levels": 4}),
+        ForecasterSpec("hybrid", 32, hparams={"channels": 8, "levels": 2, "hidden": 16}),
+    )
+    initial_epochs: int = 8
+    refit_epochs: int = 2
+    refit_every: int = 500
+    history: int = 2000
+    short_window: int = 8
+    long_window: int = 1500
+    spatial_tolerance: float = 0.05
+    high_score: float = 0.5
+    quiet_after: int = 50
+    seed: int = 0
+
+
+def detect(values: np.ndarray, learning_rows: int, config: DetectorConfig = DetectorConfig()) -> np.ndarray:
+    """Anomaly scores in [0, 1] for ``values`` (see the module docstring)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("values must be finite numbers")
+    n = len(values)
+    learning_rows = max(2, min(learning_rows, n))
+    model_scores = [
+        _likelihood(_forecast_errors(values, learning_rows, spec, config), learning_rows, config)
+        for spec in config.forecasters
+    ]
+    scores = np.mean(model_scores, axis=0) if model_scores else np.zeros(n)
+    scores = np.maximum(scores, _novelty(values, config.spatial_tolerance))
+    scores[:learning_rows] = 0.0
+    return _report_once(scores, config.high_score, config.quiet_after)
+
+
+def _forecast_errors(values: np.ndarray, learning_rows: int, spec: ForecasterSpec, config: DetectorConfig) -> np.ndarray:
+    """|value - forecast| / recent spread for every value from learning_rows // 2 on (NaN before)."""
+    n = len(values)
+    errors = np.full(n, np.nan)
+    network = None
+    first = learning_rows // 2
+    boundaries = [first, learning_rows, *range(learning_rows + config.refit_every, n, config.refit_every), n]
+    for start, end in zip(boundaries[:-1], boundaries[1:]):
+        if start >= end:
+            continue
+        past = values[max(0, start - config.history) : start]
+        center, scale = float(np.median(past)), _spread(past)
+        normalised = (past - center) / scale
+        epochs = config.initial_epochs if network is None else config.refit_epochs
+        if network is None:
+            torch.manual_seed(config.seed)
+            network = build_network(spec.kind, context_length=spec.context_length, horizon=spec.horizon, **spec.hparams)
+        inputs, targets = _fit.forecasting_pairs(_padded(normalised, spec.context_length + spec.horizon), spec.context_length, spec.horizon)
+        _fit.train(network, inputs, targets, epochs=epochs, seed=config.seed + start)
+        # Forecast values start..end-1 from the windows ending `horizon` steps before each.
+        lead = spec.context_length + spec.horizon - 1
+        segment = (values[max(0, start - lead) : end] - center) / scale
+        segment = _padded(segment, lead + (end - start))
+        windows = _fit.sliding_windows(segment, spec.context_length)[: end - start]
+        forecasts = _fit.predict(network, windows)
+        errors[start:end] = np.abs(segment[lead:] - forecasts)
+    return errors
+
+
+def _padded(series: np.ndarray, length: int) -> np.ndarray:
+    """``series`` with its first value repeated in front until it is at least ``length`` long."""
+    missing = length - len(series)
+    return np.concatenate([np.full(missing, series[0]), series]) if missing > 0 else series
+
+
+def _spread(past: np.ndarray) -> float:
+    spread = float(np.std(past))
+    floor = 1e-3 * max(float(np.abs(past).mean()), 1.0)
+    return max(spread, floor)
+
+
+def _likelihood(errors: np.ndarray, learning_rows: int, config: DetectorConfig) -> np.ndarray:
+    """Numenta-style anomaly likelihood of the recent mean error, on NAB's log scale."""
+    recent = pd.Series(errors).rolling(config.short_window, min_periods=1).mean()
+    history = recent.shift(1).rolling(config.long_window, min_periods=max(10, config.short_window * 2))
+    mean, std = history.mean(), history.std()
+    z = ((recent - mean) / np.maximum(std.to_numpy(), 1e-6)).to_numpy()
+    z = np.nan_to_num(z, nan=0.0)
+    return tail_score(torch.as_tensor(z)).numpy() * (z > 0)
+
+
+def _novelty(values: np.ndarray, tolerance: float) -> np.ndarray:
+    """1 where a value leaves the range seen before it by more than ``tolerance`` of that range."""
+    high = np.maximum.accumulate(values)
+    low = np.minimum.accumulate(values)
+    previous_high = np.concatenate([[values[0]], high[:-1]])
+    previous_low = np.concatenate([[values[0]], low[:-1]])
+    margin = (previous_high - previous_low) * tolerance
+    outside = (values > previous_high + margin) | (values < previous_low - margin)
+    return (outside & (previous_high > previous_low)).astype(np.float64)
+
+
+def _report_once(scores: np.ndarray, high: float, quiet: int) -> np.ndarray:
+    """Scores at or above ``high`` within ``quiet`` values of the last reported one are lowered to
+    just under ``high`` (Numenta's red-to-yellow filter, with a longer memory)."""
+    out = scores.copy()
+    last_report = -math.inf
+    for t in np.flatnonzero(scores >= high):
+        if t - last_report <= quiet:
+            out[t] = min(out[t], high * 0.99)
+        else:
+            last_report = t
+    return out
