@@ -421,21 +421,34 @@ def test_corrupt_or_missing_metadata_is_a_clear_error_naming_the_table(lake, dam
     assert lake.read("predictions").num_rows == 0  # the other tables are unaffected
 
 
-def test_cli_reports_broken_metadata_without_a_traceback(lake, make_settings, catalog_kind):
-    if catalog_kind != "sqlite":
-        pytest.skip("the CLI check needs only the embedded catalog")
-    lake.append_idempotent("events", events(3))
-    metadata_path(lake, "events").write_text("garbage")
-    settings = make_settings()
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    """`rtml ...` in a fresh process, pointed at this test's embedded lakehouse."""
     env = {
         **os.environ,
         "RTML_HOME": str(settings.home),
         "RTML_LAKEHOUSE__WAREHOUSE": settings.lakehouse.warehouse,
         "RTML_LAKEHOUSE__NAMESPACE": settings.lakehouse.namespace,
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "rtml", "lakehouse", "maintain"], env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "rtml", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_erase_prints_what_it_removed_per_table(lake, make_settings, catalog_kind):
+    if catalog_kind != "sqlite":
+        pytest.skip("the CLI check needs only the embedded catalog")
+    write_everything_about(lake, "carol", offset=0)
+    result = run_cli(make_settings(), "erase", "--subject", "carol", "--actor", "dpo")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[1]: line.split()[3] for line in result.stdout.splitlines() if line.count("│") >= 5}
+    assert lines == {"events": "5", "features": "1", "predictions": "1", "feedback": "1", "enrichments": "1"}
+    assert rows_about(lake, "events", "carol") == 0
+
+
+def test_cli_reports_broken_metadata_without_a_traceback(lake, make_settings, catalog_kind):
+    if catalog_kind != "sqlite":
+        pytest.skip("the CLI check needs only the embedded catalog")
+    lake.append_idempotent("events", events(3))
+    metadata_path(lake, "events").write_text("garbage")
+    result = run_cli(make_settings(), "lakehouse", "maintain")
     assert result.returncode == 2
     assert "rtml_test.events" in result.stderr
     assert "Traceback" not in result.stderr
