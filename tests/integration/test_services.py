@@ -51,6 +51,43 @@ def test_kafka_topic_is_consumed_by_a_group_that_commits_its_offsets(kafka_boots
         admin.close()
 
 
+def test_kafka_restart_keeps_topics_and_committed_offsets(kafka_bootstrap):
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    from cluster import services
+
+    topic, group = unique("rtml-test-restart"), unique("rtml-test-group")
+    with KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all") as producer:
+        for value in (b"before-1", b"before-2"):
+            producer.send(topic, value)
+        producer.flush()
+
+    def consume(expected: int) -> list[bytes]:
+        consumer = KafkaConsumer(
+            topic, bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False,
+            auto_offset_reset="earliest", consumer_timeout_ms=10_000,
+        )  # fmt: skip
+        received = []
+        for record in consumer:
+            received.append(record.value)
+            if len(received) == expected:
+                break
+        consumer.commit()
+        consumer.close()
+        return received
+
+    assert consume(2) == [b"before-1", b"before-2"]
+    services.get("kafka").restart()
+    with KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all") as producer:
+        producer.send(topic, b"after").get(timeout=30)
+    # Only the record written after the restart: the group's offsets survived it.
+    assert consume(1) == [b"after"]
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.delete_groups([group])
+    admin.delete_topics([topic])
+    admin.close()
+
+
 def test_neo4j_node_and_relationship_round_trip(neo4j_uri):
     from neo4j import GraphDatabase
 
