@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from rtml.errors import RtmlError
 from rtml.settings import Settings
@@ -130,11 +130,10 @@ class Service(ABC):
         self.pid_file.write_text(str(process.pid))
         # Popen returns while the kernel may still be switching the child to the new program, whose
         # command line pid() checks; wait for that (or an immediate exit, which wait_until_healthy reports).
-        exec_done = Retrying(
-            stop=stop_after_delay(5), wait=wait_fixed(0.01), retry=retry_if_result(lambda done: not done),
-            retry_error_callback=lambda _: False,
-        )
-        exec_done(lambda: process.poll() is not None or str(self.data_dir) in process_command_line(process.pid))
+        def exec_done() -> bool:
+            return process.poll() is not None or str(self.data_dir) in process_command_line(process.pid)
+
+        poll_until(exec_done, 5, 0.01)
 
     def wait_until_healthy(self, timeout_s: float | None = None) -> None:
         timeout_s = timeout_s or self.settings.services.start_timeout_s
@@ -144,13 +143,10 @@ class Service(ABC):
                 raise ServiceError(f"{self.name} exited while starting.\n{self.log_excerpt()}")
             return self.is_healthy()
 
-        waiting = Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(0.5), retry=retry_if_result(lambda ok: not ok))
-        try:
-            waiting(answered)
-        except RetryError:
+        if not poll_until(answered, timeout_s, 0.5):
             raise ServiceError(
                 f"{self.name} did not answer at {self.address} within {timeout_s:.0f} s.\n{self.log_excerpt()}"
-            ) from None
+            )
         self.on_ready()
 
     def stop(self) -> bool:
@@ -224,9 +220,15 @@ def process_command_line(pid: int) -> str:
 
 
 def wait_for_exit(pid: int, timeout_s: float) -> bool:
-    waiting = Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(0.2), retry=retry_if_result(bool))
-    try:
-        waiting(is_running, pid)
-    except RetryError:
-        return False
-    return True
+    return poll_until(lambda: not is_running(pid), timeout_s, 0.2)
+
+
+def poll_until(condition: Callable[[], bool], timeout_s: float, interval_s: float) -> bool:
+    """Call ``condition`` until it holds (True) or ``timeout_s`` passes (False); its exceptions propagate."""
+    polling = Retrying(
+        stop=stop_after_delay(timeout_s),
+        wait=wait_fixed(interval_s),
+        retry=retry_if_result(lambda holds: not holds),
+        retry_error_callback=lambda _: False,
+    )
+    return polling(condition)

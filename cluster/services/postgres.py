@@ -92,7 +92,9 @@ class Postgres(Service):
             "--auth", "trust", "--encoding", "UTF8", "--locale", "C",
         ]  # fmt: skip
         with self.log_file.open("ab") as log:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir, **self.popen_options())
+            result = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir, **self.popen_options()
+            )
         if result.returncode != 0:
             raise ServiceError(f"initdb failed for {self.cluster_dir}.\n{self.log_excerpt()}")
 
