@@ -73,7 +73,7 @@ def status() -> None:
         healthy = list(pool.map(lambda service: service.is_healthy(), chosen))
     table = Table("service", "pid", "state")
     table.add_column("address", overflow="fold")
-    for service, answers in zip(chosen, healthy):
+    for service, answers in zip(chosen, healthy, strict=True):
         pid = service.pid()
         if answers:
             state = "[green]up[/]" if pid else "[green]up[/] (not started from this checkout)"

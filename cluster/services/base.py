@@ -128,6 +128,7 @@ class Service(ABC):
                 **self.popen_options(),
             )
         self.pid_file.write_text(str(process.pid))
+
         # Popen returns while the kernel may still be switching the child to the new program, whose
         # command line pid() checks; wait for that (or an immediate exit, which wait_until_healthy reports).
         def exec_done() -> bool:

@@ -23,9 +23,7 @@ DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 _MAVEN = threading.Lock()
 
 
-def resolve_classpath(
-    name: str, artifacts: Sequence[str], cache_dir: Path, pinned: Sequence[str] = ()
-) -> list[Path]:
+def resolve_classpath(name: str, artifacts: Sequence[str], cache_dir: Path, pinned: Sequence[str] = ()) -> list[Path]:
     """The jars of ``artifacts`` ("group:artifact:version") and everything they depend on.
 
     ``pinned`` forces the version of transitive dependencies (Maven's dependencyManagement).
