@@ -302,12 +302,12 @@ class WindowState:
     # checkpoints ---------------------------------------------------------------------------------
 
     def to_arrow(self, partition: int) -> tuple[pa.Table, pa.Table]:
-        """The state of the keys last seen on ``partition``: (keys, open windows)."""
+        """The state of the keys last seen on ``partition`` (a source's partition number in
+        ``process``): a table of keys and a table of their open windows."""
         keys = np.flatnonzero(self._partition == partition)
         key_table = pa.table(
             {
                 "key": pa.array(self._names[keys], pa.string()),
-                "partition": pa.array(self._partition[keys], pa.int32()),
                 "watermark": pa.array(self._watermark[keys], pa.int64()),
                 "history_filled": pa.array(self._history_filled[keys]),
                 "history": pa.FixedSizeListArray.from_arrays(
@@ -317,17 +317,16 @@ class WindowState:
         )
         position = np.full(self.key_count, -1, dtype=np.int64)
         position[keys] = np.arange(len(keys))
-        rows = np.flatnonzero(np.isin(self._open["key"], keys))
-        windows = _take(self._open, rows)
+        windows = _take(self._open, np.flatnonzero(np.isin(self._open["key"], keys)))
         windows["key"] = position[windows["key"]]
         return key_table, pa.table(windows)
 
     @classmethod
-    def from_arrow(cls, spec: WindowSpec, parts: list[tuple[pa.Table, pa.Table]]) -> WindowState:
-        """A state made of the ``to_arrow`` parts of several partitions."""
+    def from_arrow(cls, spec: WindowSpec, parts: dict[int, tuple[pa.Table, pa.Table]]) -> WindowState:
+        """A state made of ``to_arrow`` parts, by the partition number each is to have now."""
         state = cls(spec)
         accumulators = [state._open]
-        for key_table, windows in parts:
+        for partition, (key_table, windows) in parts.items():
             base = state.key_count
             names = key_table["key"].to_pylist()
             repeated = [name for name in names if name in state._index]
@@ -335,7 +334,7 @@ class WindowState:
                 raise RtmlError(f"key(s) {repeated[:3]} appear in two partitions' checkpoints, which cannot be combined")
             state._register(names)
             state._watermark[base:] = key_table["watermark"].to_numpy()
-            state._partition[base:] = key_table["partition"].to_numpy()
+            state._partition[base:] = partition
             state._history[base:] = pc.list_flatten(key_table["history"]).to_numpy().reshape(len(names), spec.history)
             state._history_filled[base:] = key_table["history_filled"].to_numpy(zero_copy_only=False)
             columns = {name: windows[name].to_numpy() for name in _ACCUMULATOR_FIELDS}
