@@ -150,7 +150,7 @@ def test_a_checkpointed_state_carries_on_exactly_like_the_original(stream, cut):
 
     original = WindowState(spec)
     run(original, events[:cut])
-    restored = WindowState.from_arrow(spec, [original.to_arrow(0), original.to_arrow(1)])
+    restored = WindowState.from_arrow(spec, {0: original.to_arrow(0), 1: original.to_arrow(1)})
     assert restored.key_count == original.key_count and restored.open_windows == original.open_windows
     later_original, later_restored = run(original, events[cut:]), run(restored, events[cut:])
     assert later_restored.status.tolist() == later_original.status.tolist()
