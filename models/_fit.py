@@ -45,8 +45,9 @@ def train(
     network.to(device).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
     loss_function = nn.HuberLoss(delta=1.0)
-    x_all = torch.as_tensor(np.ascontiguousarray(inputs), dtype=torch.float32)
-    y_all = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch.float32)
+    # Copies: the inputs are often read-only sliding-window views.
+    x_all = torch.tensor(np.asarray(inputs), dtype=torch.float32)
+    y_all = torch.tensor(np.asarray(targets), dtype=torch.float32)
     for _ in range(epochs):
         order = torch.randperm(len(x_all), generator=generator)
         for start in range(0, len(order), batch_size):
@@ -64,7 +65,7 @@ def predict(network: nn.Module, inputs: np.ndarray, device: str = "cpu") -> np.n
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(inputs), INFERENCE_BATCH):
-            chunk = torch.as_tensor(np.ascontiguousarray(inputs[start : start + INFERENCE_BATCH]), dtype=torch.float32)
+            chunk = torch.tensor(np.asarray(inputs[start : start + INFERENCE_BATCH]), dtype=torch.float32)
             outputs.append(network(chunk.to(device)).float().cpu().numpy())
     if not outputs:
         return np.zeros((0,), dtype=np.float32)

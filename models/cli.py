@@ -72,3 +72,18 @@ def nab_score(
         report.write_text(
             json.dumps({r.profile.name: {"score": r.normalized, "threshold": r.threshold} for r in outcomes}, indent=2)
         )
+
+
+def train(
+    tenant: str = typer.Option(..., help="Tenant whose metric events to train on."),
+    model: str = typer.Option("rnn", "--model", help="Network kind: rnn, cnn or hybrid."),
+    epochs: int = typer.Option(0, help="Training epochs; 0 = settings (train.epochs)."),
+) -> None:
+    """Train a model for a tenant from the lakehouse (a Ray job) and register a candidate."""
+    from models.training import train_candidate
+
+    console = Console()
+    with console.status("starting") as status:
+        version = train_candidate(tenant, model, epochs=epochs or None, on_step=lambda step: status.update(step))
+    metrics = ", ".join(f"{name} {value:.4g}" for name, value in sorted(version.metrics.items()))
+    console.print(f"registered candidate {version.key} ({version.kind}) at {version.artifact_uri}\n{metrics}")

@@ -16,10 +16,15 @@ detector learns on the first ``learning_rows`` values and keeps adapting afterwa
 3. Likelihood, as Numenta's anomaly likelihood: the mean of the last ``short_window`` errors is
    compared with the distribution of that mean over the last ``long_window`` values (mean and
    standard deviation, not including now); the normal tail probability of the difference, on a log
-   scale (``-log10(p) / 10``), is the model's score. Scores are averaged over the ensemble.
-4. Novelty: a value beyond the range seen so far by more than ``spatial_tolerance`` of that range
+   scale (``-log10(p) / 10``), is the model's score. Scores are averaged over the forecasters.
+4. Seasonality: when the learning period has a clear period (the highest autocorrelation peak above
+   ``seasonal_min_autocorrelation``), the error of the seasonal-naive forecast (the value one
+   period ago) gets its own likelihood (over ``seasonal_short_window`` values), and the score is the
+   larger of the two. Short-context forecasters miss a day that lacks its usual pattern; this
+   catches it.
+5. Novelty: a value beyond the range seen so far by more than ``spatial_tolerance`` of that range
    scores 1, as in Numenta's detector (people label such values anomalous).
-5. Only the first of consecutive high scores stays high (``quiet_after``): an anomaly is reported
+6. Only the first of consecutive high scores stays high (``quiet_after``): an anomaly is reported
    once, not at every value that follows it.
 """
 
@@ -47,19 +52,19 @@ class ForecasterSpec:
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    forecasters: tuple[ForecasterSpec, ...] = (
-        ForecasterSpec("rnn", 24, hparams={"hidden": 16}),
-        ForecasterSpec("cnn", 48, hparams={"channels": 12, "levels": 4}),
-        ForecasterSpec("hybrid", 32, hparams={"channels": 8, "levels": 2, "hidden": 16}),
-    )
+    # One TCN whose receptive field (509 steps) spans a day of 5-minute data. The measurements
+    # behind these choices are in benchmarks/RESULTS.md.
+    forecasters: tuple[ForecasterSpec, ...] = (ForecasterSpec("cnn", 300, hparams={"channels": 8, "levels": 7}),)
     initial_epochs: int = 8
     refit_epochs: int = 2
     refit_every: int = 500
     history: int = 2000
     short_window: int = 8
-    long_window: int = 1500
-    spatial_tolerance: float = 0.05
-    high_score: float = 0.5
+    long_window: int = 500
+    seasonal_short_window: int = 30
+    seasonal_min_autocorrelation: float = 0.5
+    spatial_tolerance: float = 0.02
+    high_score: float = 0.7
     quiet_after: int = 50
     seed: int = 0
 
@@ -72,10 +77,13 @@ def detect(values: np.ndarray, learning_rows: int, config: DetectorConfig = Dete
     n = len(values)
     learning_rows = max(2, min(learning_rows, n))
     model_scores = [
-        _likelihood(_forecast_errors(values, learning_rows, spec, config), learning_rows, config)
+        _likelihood(_forecast_errors(values, learning_rows, spec, config), config.short_window, config.long_window)
         for spec in config.forecasters
     ]
     scores = np.mean(model_scores, axis=0) if model_scores else np.zeros(n)
+    seasonal = _seasonal_errors(values, learning_rows, config.seasonal_min_autocorrelation)
+    if seasonal is not None:
+        scores = np.maximum(scores, _likelihood(seasonal, config.seasonal_short_window, config.long_window))
     scores = np.maximum(scores, _novelty(values, config.spatial_tolerance))
     scores[:learning_rows] = 0.0
     return _report_once(scores, config.high_score, config.quiet_after)
@@ -122,14 +130,44 @@ def _spread(past: np.ndarray) -> float:
     return max(spread, floor)
 
 
-def _likelihood(errors: np.ndarray, learning_rows: int, config: DetectorConfig) -> np.ndarray:
+def _likelihood(errors: np.ndarray, short_window: int, long_window: int) -> np.ndarray:
     """Numenta-style anomaly likelihood of the recent mean error, on NAB's log scale."""
-    recent = pd.Series(errors).rolling(config.short_window, min_periods=1).mean()
-    history = recent.shift(1).rolling(config.long_window, min_periods=max(10, config.short_window * 2))
+    recent = pd.Series(errors).rolling(short_window, min_periods=1).mean()
+    history = recent.shift(1).rolling(long_window, min_periods=max(10, short_window * 2))
     mean, std = history.mean(), history.std()
     z = ((recent - mean) / np.maximum(std.to_numpy(), 1e-6)).to_numpy()
     z = np.nan_to_num(z, nan=0.0)
     return tail_score(torch.as_tensor(z)).numpy() * (z > 0)
+
+
+def dominant_period(values: np.ndarray, min_autocorrelation: float, min_lag: int = 10) -> int | None:
+    """The lag of the highest local autocorrelation peak above ``min_autocorrelation`` (lags from
+    ``min_lag`` to half the length), or None when the values show no clear period."""
+    centred = values - values.mean()
+    n = len(centred)
+    if n < 2 * min_lag + 2 or not centred.any():
+        return None
+    spectrum = np.fft.rfft(centred, 2 * n)
+    autocorrelation = np.fft.irfft(spectrum * np.conj(spectrum))[: n // 2]
+    autocorrelation = autocorrelation / autocorrelation[0]
+    inner = autocorrelation[min_lag:-1]
+    is_peak = (inner >= autocorrelation[min_lag - 1 : -2]) & (inner >= autocorrelation[min_lag + 1 :])
+    candidates = np.flatnonzero(is_peak & (inner > min_autocorrelation))
+    if len(candidates) == 0:
+        return None
+    return int(min_lag + candidates[np.argmax(inner[candidates])])
+
+
+def _seasonal_errors(values: np.ndarray, learning_rows: int, min_autocorrelation: float) -> np.ndarray | None:
+    """|value - value one period ago| / learning spread, with the period found in the learning
+    values; None when they show no clear period."""
+    learning = values[:learning_rows]
+    period = dominant_period(learning, min_autocorrelation)
+    if period is None:
+        return None
+    errors = np.full(len(values), np.nan)
+    errors[period:] = np.abs(values[period:] - values[:-period]) / _spread(learning)
+    return errors
 
 
 def _novelty(values: np.ndarray, tolerance: float) -> np.ndarray:

@@ -129,6 +129,25 @@ def fit_scorer(
     torch.manual_seed(seed)
     if kind in IMAGE_KINDS:
         return _fit_image_scorer(kind, series, epochs, device, seed, hparams)
+    training = forecaster_training_set(series, window_length)
+    network = build_network(kind, context_length=window_length - 1, **hparams)
+    _fit.train(network, training.inputs, training.targets, epochs=epochs, seed=seed, device=device)
+    return calibrated_scorer(kind, network, training, device)
+
+
+@dataclass
+class TrainingSet:
+    """Normalised forecasting pairs from raw series, with the normalisation that made them."""
+
+    window_length: int
+    value_center: float
+    value_scale: float
+    inputs: np.ndarray  # [N, window_length - 1]
+    targets: np.ndarray  # [N]
+
+
+def forecaster_training_set(series: list[np.ndarray], window_length: int) -> TrainingSet:
+    """Every window of every usable series, normalised with the pooled mean and spread."""
     arrays = [np.asarray(s, dtype=np.float64).ravel() for s in series]
     usable = [a for a in arrays if len(a) >= window_length + 1 and np.isfinite(a).all()]
     if not usable:
@@ -136,13 +155,18 @@ def fit_scorer(
     pooled = np.concatenate(usable)
     center, scale = float(pooled.mean()), _robust_scale(pooled)
     pairs = [_fit.forecasting_pairs((a - center) / scale, window_length - 1, 1) for a in usable]
-    inputs = np.concatenate([p[0] for p in pairs])
-    targets = np.concatenate([p[1] for p in pairs])
-    network = build_network(kind, context_length=window_length - 1, **hparams)
-    _fit.train(network, inputs, targets, epochs=epochs, seed=seed, device=device)
-    errors = np.abs(targets - _fit.predict(network, inputs, device))
+    return TrainingSet(
+        window_length, center, scale, np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    )
+
+
+def calibrated_scorer(kind: str, network: nn.Module, training: TrainingSet, device: str = "cpu") -> WindowScorer:
+    """A forecaster scorer whose error scale is the RMS forecast error on its training pairs."""
+    errors = np.abs(training.targets - _fit.predict(network.to(device), training.inputs, device))
     error_scale = max(float(np.sqrt(np.mean(errors**2))), 1e-4)
-    return WindowScorer(kind, network, window_length, center, scale, 0.0, error_scale, device)
+    return WindowScorer(
+        kind, network, training.window_length, training.value_center, training.value_scale, 0.0, error_scale, device
+    )
 
 
 def _fit_image_scorer(kind: str, series: list[np.ndarray], epochs: int, device: str, seed: int, hparams: dict) -> WindowScorer:
@@ -200,8 +224,11 @@ def load_scorer(artifact_uri: str, device: str = "cpu") -> WindowScorer:
 __all__ = [
     "FORECASTER_KINDS",
     "IMAGE_KINDS",
+    "TrainingSet",
     "WindowScorer",
     "artifact_path",
+    "calibrated_scorer",
+    "forecaster_training_set",
     "fit_scorer",
     "load_scorer",
     "save_scorer",

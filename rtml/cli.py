@@ -16,6 +16,7 @@ from cluster.cli import app as services_app
 from lakehouse.cli import app as lakehouse_app
 from lakehouse.cli import erase
 from models.cli import nab_app
+from models.cli import train as train_command
 from rtml.errors import NotImplementedYet, RtmlError
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(services_app, name="services")
 app.add_typer(nab_app, name="nab")
+app.command("train")(train_command)
 
 bench_app = typer.Typer(help="Side-by-side benchmarks; figures go to benchmarks/RESULTS.md.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -45,12 +47,6 @@ def demo() -> None:
 def up() -> None:
     """Start a local Ray cluster and the Serve app on embedded defaults; print the URLs."""
     raise NotImplementedYet("up", "serving")
-
-
-@app.command()
-def train() -> None:
-    """Train a model for a tenant from the lakehouse (a Ray job) and register a candidate."""
-    raise NotImplementedYet("train", "models")
 
 
 @bench_app.command("serve")

@@ -1,0 +1,215 @@
+"""`rtml train`: train a tenant's forecaster from the lakehouse as a Ray job and register it as a
+candidate version.
+
+1. Read the tenant's metric events at one pinned ``events`` snapshot (recorded as lineage) and cut
+   each entity's series at one instant: the last ``holdout_fraction`` of the tenant's time range is
+   held out for evaluation.
+2. The training windows become a Ray Dataset that Ray Train's ``TorchTrainer`` shards over
+   ``train.num_workers`` workers (GPUs when ``train.use_gpu``), each reading batches from its shard.
+3. The trained network is calibrated like any scorer (``models.scoring``), evaluated on the
+   held-out range (forecast error, alarm rate), saved under ``<home>/models/`` and registered in
+   the lakehouse model registry with its metrics, as a candidate.
+
+Runs the same in-process (a local Ray is started) or under ``ray job submit -- rtml train ...``
+(``ray.init()`` joins the job's cluster).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from models import _fit
+from models.networks import FORECASTER_KINDS, build_network
+from models.scoring import TrainingSet, calibrated_scorer, forecaster_training_set, save_scorer
+from rtml.errors import RtmlError
+from rtml.schemas import DataType, ModelVersion
+from rtml.settings import Settings, get_settings
+
+FEATURE_SET_VERSION = "raw-metric-values"
+WEIGHTS_FILE = "model.pt"
+
+
+def read_series(lakehouse, tenant: str) -> tuple[dict[str, pa.Table], int]:
+    """Each entity's metric events (event_time, value), oldest first, and the snapshot read."""
+    snapshots = lakehouse.snapshots("events")
+    if not snapshots:
+        raise RtmlError("the lakehouse has no events yet; ingest some (e.g. `rtml demo`) before training")
+    snapshot_id = snapshots[-1].snapshot_id
+    rows = lakehouse.read(
+        "events", tenant=tenant, snapshot_id=snapshot_id, columns=("entity", "event_time", "value", "data_type")
+    )
+    rows = rows.filter(pc.and_(pc.equal(rows["data_type"], DataType.METRIC.value), pc.is_valid(rows["value"])))
+    if rows.num_rows == 0:
+        raise RtmlError(f"tenant {tenant!r} has no metric events in the lakehouse to train on")
+    rows = rows.sort_by([("entity", "ascending"), ("event_time", "ascending")])
+    entities = {name: rows.filter(pc.equal(rows["entity"], name)) for name in pc.unique(rows["entity"]).to_pylist()}
+    return entities, snapshot_id
+
+
+def split_by_time(
+    entities: dict[str, pa.Table], holdout_fraction: float, context: int
+) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """(training series, held-out series, event count), every entity cut at the same instant. A
+    held-out series starts with its entity's last ``context`` training values, so that its first
+    windows have context; only windows ending after the cut are evaluated."""
+    times = pa.concat_arrays([t["event_time"].combine_chunks() for t in entities.values()])
+    start, end = pc.min(times).as_py(), pc.max(times).as_py()
+    cut = start + (end - start) * (1.0 - holdout_fraction)
+    train, held_out = [], []
+    for table in entities.values():
+        values = table["value"].to_numpy()
+        split = int(pc.sum(pc.less(table["event_time"], pa.scalar(cut, type=table["event_time"].type))).as_py() or 0)
+        train.append(values[:split])
+        held_out.append(values[max(0, split - context) :])
+    return train, held_out, len(times)
+
+
+def _train_loop(config: dict) -> None:
+    """Ray Train worker: fit the network on this worker's shard of the windows."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    torch.manual_seed(config["seed"])
+    network = ray.train.torch.prepare_model(build_network(config["kind"], **config["hparams"]))
+    optimizer = torch.optim.Adam(network.parameters(), lr=config["learning_rate"])
+    loss_function = torch.nn.HuberLoss(delta=1.0)
+    shard = ray.train.get_dataset_shard("train")
+    device = ray.train.torch.get_device()
+    for epoch in range(config["epochs"]):
+        total, count = 0.0, 0
+        batches = shard.iter_torch_batches(
+            batch_size=config["batch_size"], dtypes=torch.float32, device=device, local_shuffle_buffer_size=4096
+        )
+        for batch in batches:
+            windows = batch["window"]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_function(network(windows[:, :-1]), windows[:, -1])
+            loss.backward()
+            optimizer.step()
+            total, count = total + float(loss) * len(windows), count + len(windows)
+        metrics = {"epoch": epoch, "train_loss": total / max(count, 1)}
+        if ray.train.get_context().get_world_rank() == 0 and epoch == config["epochs"] - 1:
+            with tempfile.TemporaryDirectory() as directory:
+                unwrapped = network.module if hasattr(network, "module") else network
+                torch.save(unwrapped.state_dict(), Path(directory) / WEIGHTS_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
+
+def _fit_with_ray_train(kind: str, training: TrainingSet, settings: Settings, epochs: int, name: str):
+    import ray.data
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    windows = np.concatenate([training.inputs, training.targets[:, None]], axis=1).astype(np.float32)
+    dataset = ray.data.from_numpy(windows).rename_columns({"data": "window"})
+    hparams = {"context_length": training.window_length - 1}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "kind": kind,
+            "hparams": hparams,
+            "epochs": epochs,
+            "batch_size": 64,
+            "learning_rate": 3e-3,
+            "seed": 0,
+        },
+        scaling_config=ScalingConfig(num_workers=settings.train.num_workers, use_gpu=settings.train.use_gpu),
+        datasets={"train": dataset},
+        run_config=RunConfig(name=name, storage_path=str(settings.home_dir / "ray_results")),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RtmlError(f"training run {name} ended without a checkpoint: {result.error}")
+    network = build_network(kind, **hparams)
+    with result.checkpoint.as_directory() as directory:
+        network.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return network.eval(), result.metrics
+
+
+def evaluate(scorer, held_out: list[np.ndarray], anomaly_threshold: float) -> dict[str, float]:
+    """Forecast error and alarm rate of ``scorer`` on held-out windows (raw values)."""
+    windows = [
+        _fit.sliding_windows(series, scorer.window_length) for series in held_out if len(series) >= scorer.window_length
+    ]
+    if not windows:
+        raise RtmlError(
+            f"the held-out range has no series of {scorer.window_length} values; ingest more events or lower "
+            "RTML_TRAIN__HOLDOUT_FRACTION / RTML_MODELS__WINDOW_LENGTH"
+        )
+    batch = np.concatenate(windows)
+    errors = scorer.errors(batch).cpu().numpy()
+    scores = scorer.score(batch)
+    return {
+        "holdout_windows": float(len(batch)),
+        "holdout_mae": float(errors.mean()),
+        "holdout_rmse": float(np.sqrt(np.mean(errors**2))),
+        "holdout_mean_score": float(scores.mean()),
+        "holdout_alarm_rate": float((scores >= anomaly_threshold).mean()),
+    }
+
+
+def train_candidate(
+    tenant: str,
+    kind: str = "rnn",
+    settings: Settings | None = None,
+    epochs: int | None = None,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> ModelVersion:
+    """Train, evaluate and register a candidate ``kind`` model for ``tenant`` (see the module docstring)."""
+    import ray
+
+    from lakehouse import Lakehouse
+
+    if kind not in FORECASTER_KINDS:
+        raise RtmlError(f"`rtml train` trains forecasters ({', '.join(FORECASTER_KINDS)}), not {kind!r}")
+    settings = settings or get_settings()
+    epochs = epochs or settings.train.epochs
+    if not 0.0 < settings.train.holdout_fraction < 1.0:
+        raise RtmlError("train.holdout_fraction must be between 0 and 1")
+    on_step("reading events")
+    lakehouse = Lakehouse.open(settings)
+    entities, snapshot_id = read_series(lakehouse, tenant)
+    train_series, held_out, event_count = split_by_time(
+        entities, settings.train.holdout_fraction, settings.models.window_length - 1
+    )
+    training = forecaster_training_set(train_series, settings.models.window_length)
+    run_id = uuid.uuid4().hex[:12]
+    name = f"{tenant}-{kind}"
+    on_step(f"training on {len(training.targets)} windows")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    network, train_metrics = _fit_with_ray_train(kind, training, settings, epochs, f"{name}-{run_id}")
+    on_step("evaluating")
+    scorer = calibrated_scorer(kind, network, training)
+    metrics = {
+        "train_loss": float(train_metrics.get("train_loss", float("nan"))),
+        "train_windows": float(len(training.targets)),
+        "events": float(event_count),
+        **evaluate(scorer, held_out, settings.models.anomaly_threshold),
+    }
+    scorer.extra = {"tenant": tenant, "run_id": run_id, "metrics": metrics}
+    artifact_uri = save_scorer(scorer, settings.home_dir / "models" / tenant / name / run_id)
+    on_step("registering")
+    return lakehouse.registry.register(
+        ModelVersion(
+            name=name,
+            version=0,
+            kind=kind,
+            tenant=tenant,
+            metrics=metrics,
+            artifact_uri=artifact_uri,
+            training_snapshot_ids={"events": snapshot_id},
+            feature_set_version=FEATURE_SET_VERSION,
+        )
+    )
