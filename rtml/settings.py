@@ -98,16 +98,47 @@ class ModelSettings(BaseModel):
 
 
 class ServingSettings(BaseModel):
+    """The Ray Serve app (``deployments``): sizes, batching, back-pressure and ensemble learning."""
+
+    app_name: str = "rtml"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    dashboard_port: int = 8265
     # "auto": ask Serve for a GPU fraction when the cluster has GPUs, else CPU.
     use_gpu: Literal["auto", "never", "always"] = "auto"
     gpu_fraction: float = 0.25
+    # Fractional, so that every replica of the app fits on a 2-core machine.
+    replica_cpus: float = 0.25
+    # One scorer deployment per kind; a tenant may only use models of these kinds.
+    model_kinds: tuple[str, ...] = ("rnn", "cnn", "hybrid", "image_cnn")
     model_replicas: int = 1
+    ingress_replicas: int = 1
+    router_replicas: int = 1
+    # Torch threads per model replica (Serve replicas share the machine's cores).
+    torch_threads: int = 1
     max_batch_size: int = 256
     batch_wait_timeout_s: float = 0.005
     max_ongoing_requests: int = 256
     max_queued_requests: int = 1024
+    # Largest number of windows one predict request may carry.
+    max_request_windows: int = 65536
+    # The longest a request waits for its scores before it gets a 503 with Retry-After.
+    request_timeout_s: float = 10.0
+    retry_after_s: float = 1.0
+    # A model whose calls fail is left out of its tenants' ensembles for this long.
+    unhealthy_cooldown_s: float = 10.0
+    # Router replicas re-read active versions and weights from the registry this often.
+    registry_refresh_s: float = 10.0
+    # Multiplicative-weights learning rate applied to each model's loss |score - label|.
+    feedback_learning_rate: float = 0.5
+    # Scored batches remembered per router replica so feedback finds per-model scores without a read.
+    remembered_batches: int = 20000
+    persist_predictions: bool = True
+    # Serve's per-request access log lines (errors are logged either way); off for throughput.
+    access_log: bool = False
+    # Ray Serve's throughput options, set on the cluster `rtml up` starts (see benchmarks/RESULTS.md).
+    throughput_optimized: bool = False
+    haproxy: bool = False
 
 
 class RayTrainSettings(BaseModel):

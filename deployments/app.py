@@ -1,0 +1,103 @@
+"""The Serve application: ``build_app(args)`` wires Ingress -> ModelRouter -> one ModelScorer
+deployment per model kind (and, later, the AgentGraph).
+
+    serve run deployments.app:build_app                 # embedded defaults
+    serve deploy deployments/serve_config.yaml          # the same, on a running cluster
+    rtml up                                             # starts a local cluster and deploys it
+
+``args`` (``AppArgs``): ``settings``, overrides of ``rtml.settings.Settings`` (nested dicts, e.g.
+``{"home": "/srv/rtml", "serving": {"model_replicas": 2}}``; the process environment and
+``rtml.yaml`` apply beneath them), and ``agent_graph``, the import path of a Serve deployment class
+with ``explain(predictions)``: the slot the agent-graph issue fills. Built in the cluster (``serve
+deploy``), ``serving.use_gpu = "auto"`` asks for a GPU fraction per model replica exactly when the
+cluster has GPUs.
+
+``serve build`` in Ray 2.60 accepts built applications only, not builder functions:
+``serve build deployments.app:app`` builds ``app`` (this module builds it on first access with
+default args). ``deployments/serve_config.yaml`` names the builder instead, so that the GPU choice
+is made where the app runs rather than where the file was written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from pydantic import BaseModel, Field
+from ray import serve
+from ray._common.utils import import_attr
+from ray.serve.config import BackpressureConfig, LoggingConfig
+
+from deployments.ingress import Ingress
+from deployments.router import ModelRouter, RouterConfig
+from deployments.scorer import ModelScorer
+from rtml.settings import Settings
+
+IMPORT_PATH = "deployments.app:build_app"
+ROUTER = "ModelRouter"
+INGRESS = "Ingress"
+
+
+class AppArgs(BaseModel):
+    settings: dict[str, Any] = Field(default_factory=dict)
+    agent_graph: str | None = None
+
+
+def scorer_name(kind: str) -> str:
+    return f"ModelScorer_{kind}"
+
+
+def app_settings(overrides: dict[str, Any]) -> Settings:
+    """Settings with ``overrides`` on top, and ``home`` made absolute so that every replica, whatever
+    its working directory, uses the same lakehouse."""
+    settings = Settings(**overrides)
+    return settings.model_copy(update={"home": settings.home_dir})
+
+
+def cluster_has_gpus() -> bool:
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    if isinstance(args, dict):  # called directly rather than by Serve
+        args = AppArgs.model_validate(args)
+    settings = app_settings(args.settings)
+    serving = settings.serving
+    cpu_only = {"num_cpus": serving.replica_cpus}
+    logging_config = LoggingConfig(enable_access_log=serving.access_log)
+    use_gpu = serving.use_gpu == "always" or (serving.use_gpu == "auto" and cluster_has_gpus())
+    scorer_resources = {**cpu_only, "num_gpus": serving.gpu_fraction} if use_gpu else cpu_only
+    scorers = {
+        kind: ModelScorer.options(
+            name=scorer_name(kind),
+            num_replicas=serving.model_replicas,
+            ray_actor_options=scorer_resources,
+            max_ongoing_requests=serving.max_ongoing_requests,
+            logging_config=logging_config,
+        ).bind(kind, serving)
+        for kind in serving.model_kinds
+    }
+    agent_graph = import_attr(args.agent_graph).bind(settings) if args.agent_graph else None
+    router = ModelRouter.options(
+        name=ROUTER,
+        num_replicas=serving.router_replicas,
+        ray_actor_options=cpu_only,
+        max_ongoing_requests=serving.max_ongoing_requests,
+        user_config=RouterConfig().model_dump(),
+        logging_config=logging_config,
+    ).bind(settings, scorers, agent_graph)
+    return Ingress.options(
+        name=INGRESS,
+        num_replicas=serving.ingress_replicas,
+        ray_actor_options=cpu_only,
+        max_ongoing_requests=serving.max_ongoing_requests,
+        max_queued_requests=serving.max_queued_requests,
+        backpressure_config=BackpressureConfig(retry_after_s=serving.retry_after_s),
+        logging_config=logging_config,
+    ).bind(router, serving)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # for `serve build deployments.app:app`; built on first access only
+        return build_app(AppArgs())
+    raise AttributeError(f"module 'deployments.app' has no attribute {name!r}")

@@ -1,0 +1,389 @@
+"""``ModelRouter``: scores requests with their tenant's ensemble.
+
+Speed comes from doing per-batch what a naive router does per request. Requests (from the Ingress
+or straight from stream consumers through a ``DeploymentHandle``) are batched by ``@serve.batch``;
+the batch is split into groups that share a plan (tenant, data type, models), each group's windows
+are concatenated, and each model of the plan is called once per group, concurrently, on its kind's
+scorer deployment (``multiplexed_model_id`` = the version's artifact, so a scorer replica keeps
+every tenant's versions of its kind and Serve routes to a replica that has the version loaded).
+
+State: tenants' ensembles are read from the registry on start, on ``reconfigure`` (the hot swap
+after a promotion or a rollout change, see ``deployments.control``), every
+``serving.registry_refresh_s`` in the background, and at most once a second when an unknown tenant
+asks. The request path never waits for the registry otherwise.
+
+Model health: a model whose call fails (after retrying a replica that died) or times out is left
+out of every plan for ``serving.unhealthy_cooldown_s``; its tenants are scored by their other
+models meanwhile, and the response names the versions that were used.
+
+Feedback re-weights the ensemble (``deployments.ensemble.reweight``) and persists the weights in
+the registry before it returns, so a restart or a redeploy keeps them.
+
+The AgentGraph slot: ``agent_graph`` is an optional handle to a deployment with an
+``explain(predictions: list[rtml.schemas.Prediction])`` method; when given, the router hands it
+every anomalous prediction and does not wait for it (the agent graph issue provides it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.calls import awaited, batch_size, call_with_retry
+from deployments.ensemble import Member, OnlineAccuracy, Plan, TenantEnsemble, combine, reweight
+from deployments.records import (
+    MAX_BATCH_ITEMS,
+    Rejection,
+    ScoreRequest,
+    ScoreResult,
+    new_batch_id,
+    prediction_ids,
+    split_prediction_id,
+)
+from deployments.store import LakehouseStore, PredictionDetails, RolloutSpec, ScoredBatch, ServingStore, prediction_rows
+from rtml.schemas import Feedback, Prediction
+from rtml.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Unknown tenants re-read the registry at most this often.
+UNKNOWN_TENANT_REFRESH_S = 1.0
+# Concurrent batches per router replica: one fills while others wait on their models.
+ROUTER_CONCURRENT_BATCHES = 4
+
+
+class RolloutConfig(BaseModel):
+    model: str = Field(pattern=r"^.+@\d+$")
+    mode: Literal["canary", "shadow"]
+    fraction: float = Field(ge=0.0, le=1.0)
+
+
+class RouterConfig(BaseModel):
+    """The router's ``user_config``: changing it reconfigures the running replicas in place."""
+
+    # Bumped by `deployments.control` after a promotion: replicas re-read the registry at once.
+    generation: int = 0
+    rollouts: list[RolloutConfig] = Field(default_factory=list)
+
+
+@serve.deployment
+class ModelRouter:
+    def __init__(
+        self,
+        settings: Settings,
+        scorers: dict[str, DeploymentHandle],
+        agent_graph: DeploymentHandle | None = None,
+        store: ServingStore | None = None,
+    ):
+        self._serving = settings.serving
+        self._threshold = settings.models.anomaly_threshold
+        self._scorers = scorers
+        self._agent_graph = agent_graph
+        self._store = store or LakehouseStore(settings)
+        self._config = RouterConfig()
+        self._ensembles: dict[str, TenantEnsemble] = {}
+        self._loaded_at = 0.0
+        self._registry_lock = asyncio.Lock()
+        self._background_refresh: asyncio.Task | None = None
+        self._unhealthy_until: dict[str, float] = {}
+        self._batches: OrderedDict[str, ScoredBatch] = OrderedDict()
+        self._accuracy = OnlineAccuracy()
+        self._draw = random.Random()
+        self._pending: set[asyncio.Future] = set()
+        self._score_batches.set_max_batch_size(batch_size(self._serving, ROUTER_CONCURRENT_BATCHES))
+        self._score_batches.set_batch_wait_timeout_s(self._serving.batch_wait_timeout_s)
+
+    async def reconfigure(self, config: dict) -> None:
+        self._config = RouterConfig.model_validate(config)
+        await self._refresh()
+
+    # scoring ---------------------------------------------------------------------------------
+
+    async def score(self, request: ScoreRequest) -> ScoreResult | Rejection:
+        """Score one request (one or many windows of one tenant)."""
+        return (await self.score_many([request]))[0]
+
+    async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResult | Rejection]:
+        """Score several requests; each gets its own result or refusal."""
+        return await self._score_batches(requests)
+
+    @serve.batch(max_concurrent_batches=ROUTER_CONCURRENT_BATCHES)
+    async def _score_batches(self, batches: list[list[ScoreRequest]]) -> list[list[ScoreResult | Rejection]]:
+        flat = [request for batch in batches for request in batch]
+        results = await self._score_all(flat)
+        answers, start = [], 0
+        for batch in batches:
+            answers.append(results[start : start + len(batch)])
+            start += len(batch)
+        return answers
+
+    async def _score_all(self, requests: list[ScoreRequest]) -> list[ScoreResult | Rejection]:
+        await self._ensure_fresh({request.tenant for request in requests})
+        results: list[ScoreResult | Rejection | None] = [None] * len(requests)
+        groups: dict[tuple, tuple[Plan, list[int]]] = {}
+        unhealthy = self._unhealthy_now()
+        for index, request in enumerate(requests):
+            checked = self._checked(request)
+            if isinstance(checked, Rejection):
+                results[index] = checked
+                continue
+            plan = self._ensembles[request.tenant].plan(request.data_type, unhealthy, self._draw)
+            if not plan.members:
+                results[index] = Rejection(
+                    503, f"no healthy {request.data_type} model of tenant {request.tenant!r} right now", self._serving.retry_after_s
+                )
+                continue
+            identity = (request.tenant, tuple(m.key for m in plan.members), tuple(m.key for m in plan.shadows))
+            groups.setdefault(identity, (plan, []))[1].append(index)
+        outcomes = await asyncio.gather(
+            *(self._score_group(plan, [requests[i] for i in indices]) for plan, indices in groups.values())
+        )
+        for (_, indices), outcome in zip(groups.values(), outcomes):
+            for position, index in enumerate(indices):
+                results[index] = outcome if isinstance(outcome, Rejection) else outcome[position]
+        return results  # type: ignore[return-value]
+
+    def _checked(self, request: ScoreRequest) -> ScoreRequest | Rejection:
+        """The request with windows in its tenant's models' input shape, or why it cannot be scored."""
+        ensemble = self._ensembles.get(request.tenant)
+        if ensemble is None:
+            return Rejection(404, f"unknown tenant {request.tenant!r}: it has no active model versions")
+        shape = ensemble.input_shape(request.data_type)
+        if shape is None:
+            return Rejection(404, f"tenant {request.tenant!r} has no active model for {request.data_type} data")
+        if len(request) > MAX_BATCH_ITEMS:
+            return Rejection(413, f"{len(request)} windows in one request; split it into requests of at most {MAX_BATCH_ITEMS}")
+        windows = request.windows
+        if windows.shape[1:] != shape:
+            if windows.ndim == 2 and windows.shape[1] == int(np.prod(shape)):
+                request.windows = windows.reshape(len(windows), *shape)
+            else:
+                return Rejection(
+                    422, f"tenant {request.tenant!r}'s {request.data_type} models take items of shape {list(shape)}, got {list(windows.shape[1:])}"
+                )
+        return request
+
+    async def _score_group(self, plan: Plan, requests: list[ScoreRequest]) -> list[ScoreResult] | Rejection:
+        windows = requests[0].windows if len(requests) == 1 else np.concatenate([request.windows for request in requests])
+        models = plan.members + plan.shadows
+        outcomes = await asyncio.gather(*(self._call_model(model, windows) for model in models), return_exceptions=True)
+        scored = {}
+        for model, outcome in zip(models, outcomes):
+            if isinstance(outcome, BaseException):
+                self._mark_unhealthy(model, outcome)
+            else:
+                scored[model.key] = outcome
+        members = [member for member in plan.members if member.key in scored]
+        if not members:
+            return Rejection(503, f"every model of tenant {requests[0].tenant!r} failed; try again", self._serving.retry_after_s)
+        shadows = [shadow for shadow in plan.shadows if shadow.key in scored]
+        matrix = np.stack([scored[model.key] for model in (*members, *shadows)])
+        ensemble = combine(matrix[: len(members)], np.array([member.weight for member in members]))
+        is_anomaly = ensemble >= self._threshold
+        batch = ScoredBatch(requests[0].tenant, tuple(m.key for m in members), tuple(s.key for s in shadows), matrix)
+        batch_id = new_batch_id()
+        self._remember(batch_id, batch)
+        ids = prediction_ids(batch_id, 0, len(windows))
+        model_versions = {member.name: str(member.version) for member in members}
+        weights = {member.key: member.weight for member in members}
+        self._record(requests, ids, batch, ensemble, is_anomaly, model_versions)
+        results, start = [], 0
+        for request in requests:
+            end = start + len(request)
+            results.append(
+                ScoreResult(
+                    prediction_ids=ids[start:end],
+                    ensemble_scores=ensemble[start:end],
+                    is_anomaly=is_anomaly[start:end],
+                    scores={member.key: matrix[row, start:end] for row, member in enumerate(members)},
+                    model_versions=model_versions,
+                    weights=weights,
+                )
+            )
+            start = end
+        return results
+
+    async def _call_model(self, model: Member, windows: np.ndarray) -> np.ndarray:
+        handle = self._scorers[model.kind].options(multiplexed_model_id=model.artifact_uri)
+        return await asyncio.wait_for(
+            call_with_retry(lambda: awaited(handle.score.remote(windows))), self._serving.request_timeout_s
+        )
+
+    def _mark_unhealthy(self, model: Member, error: BaseException) -> None:
+        log.warning("model %s failed (%s: %s); leaving it out for %.0fs", model.key, type(error).__name__, error, self._serving.unhealthy_cooldown_s)
+        self._unhealthy_until[model.key] = time.monotonic() + self._serving.unhealthy_cooldown_s
+
+    def _unhealthy_now(self) -> frozenset[str]:
+        now = time.monotonic()
+        for key in [key for key, until in self._unhealthy_until.items() if until <= now]:
+            del self._unhealthy_until[key]
+        return frozenset(self._unhealthy_until)
+
+    def _remember(self, batch_id: str, batch: ScoredBatch) -> None:
+        self._batches[batch_id] = batch
+        while len(self._batches) > self._serving.remembered_batches:
+            self._batches.popitem(last=False)
+
+    def _record(
+        self,
+        requests: list[ScoreRequest],
+        ids: list[str],
+        batch: ScoredBatch,
+        ensemble: np.ndarray,
+        is_anomaly: np.ndarray,
+        model_versions: dict[str, str],
+    ) -> None:
+        """Hand the batch's predictions to the lakehouse writer and its anomalies to the agent
+        graph; neither is waited for."""
+        if not (self._serving.persist_predictions or (self._agent_graph is not None and is_anomaly.any())):
+            return
+        details = _details(requests, ids)
+        if self._serving.persist_predictions:
+            rows = prediction_rows(requests[0].tenant, ids, batch, ensemble, is_anomaly, model_versions, details)
+            self._store.write_predictions(rows)
+        if self._agent_graph is not None and is_anomaly.any():
+            anomalies = [
+                Prediction(
+                    prediction_id=ids[index],
+                    event_id=details.event_ids[index],
+                    tenant=batch.tenant,
+                    entity=details.entities[index],
+                    event_time=details.event_times[index],
+                    scores=batch.of(index)[0],
+                    ensemble_score=float(ensemble[index]),
+                    is_anomaly=True,
+                    model_versions=model_versions,
+                    latency_ms=details.latency_ms[index],
+                    subject=details.subjects[index],
+                )
+                for index in np.flatnonzero(is_anomaly).tolist()
+            ]
+            response = self._agent_graph.explain.remote(anomalies)
+            future = asyncio.ensure_future(awaited(response))
+            self._pending.add(future)
+            future.add_done_callback(self._explained)
+
+    def _explained(self, future: asyncio.Future) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("the agent graph failed on a batch of anomalies: %s", future.exception())
+
+    # registry --------------------------------------------------------------------------------
+
+    async def _ensure_fresh(self, tenants: set[str]) -> None:
+        now = time.monotonic()
+        age = now - self._loaded_at
+        if not self._loaded_at or (not tenants <= self._ensembles.keys() and age > UNKNOWN_TENANT_REFRESH_S):
+            await self._refresh(unless_loaded_since=now)
+        elif age > self._serving.registry_refresh_s and self._background_refresh is None:
+            self._background_refresh = asyncio.create_task(self._refresh())
+            self._background_refresh.add_done_callback(lambda _: setattr(self, "_background_refresh", None))
+
+    async def _refresh(self, unless_loaded_since: float | None = None) -> None:
+        async with self._registry_lock:
+            if unless_loaded_since is not None and self._loaded_at >= unless_loaded_since:
+                return  # a concurrent caller's load finished while this one waited
+            specs = [RolloutSpec(r.model, r.mode, r.fraction) for r in self._config.rollouts]
+            try:
+                self._ensembles = await asyncio.to_thread(self._store.load_ensembles, specs)
+            except Exception:  # keep serving the last known ensembles; the next refresh tries again
+                log.exception("could not read the model registry")
+            self._loaded_at = time.monotonic()
+
+    # feedback --------------------------------------------------------------------------------
+
+    async def feedback(self, items: Sequence[Feedback]) -> list[dict]:
+        """Apply verdicts on predictions: per-model online accuracy, re-weighted ensembles
+        (persisted before this returns), and the feedback rows in the lakehouse. Each item gets
+        ``{"prediction_id", "weights", "online_accuracy"}`` or ``{"prediction_id", "error"}``."""
+        await self._ensure_fresh({item.tenant for item in items})
+        answers, touched = [], set()
+        for item in items:
+            found = self._remembered(item.prediction_id) or await asyncio.to_thread(self._store.prediction, item.prediction_id)
+            if found is None or found[0] != item.tenant:
+                answers.append({"prediction_id": item.prediction_id, "error": f"tenant {item.tenant!r} has no prediction {item.prediction_id!r}"})
+                continue
+            tenant, member_scores, shadow_scores = found
+            self._accuracy.record({**member_scores, **shadow_scores}, item.is_anomaly, self._threshold)
+            ensemble = self._ensembles.get(tenant)
+            known = {key: weight for key in member_scores if ensemble and (weight := ensemble.weight_of(key)) is not None}
+            if known:
+                learned = reweight(known, {key: member_scores[key] for key in known}, item.is_anomaly, self._serving.feedback_learning_rate)
+                self._ensembles[tenant] = ensemble.with_weights(learned)
+                touched.add(tenant)
+            answers.append(
+                {
+                    "prediction_id": item.prediction_id,
+                    "weights": {key: self._ensembles[tenant].weight_of(key) for key in known},
+                    "online_accuracy": self._accuracy.of([*member_scores, *shadow_scores]),
+                }
+            )
+        async with self._registry_lock:
+            for tenant in touched:
+                ensemble = self._ensembles[tenant]
+                weights = {m.key: m.weight for m in (*ensemble.members, *(r.member for r in ensemble.rollouts))}
+                await asyncio.to_thread(self._store.set_weights, tenant, weights)
+        await asyncio.to_thread(self._store.write_feedback, items)
+        return answers
+
+    def _remembered(self, prediction_id: str) -> tuple[str, dict[str, float], dict[str, float]] | None:
+        location = split_prediction_id(prediction_id)
+        batch = self._batches.get(location[0]) if location else None
+        if batch is None or location[1] >= batch.scores.shape[1]:
+            return None
+        return (batch.tenant, *batch.of(location[1]))
+
+    async def health(self) -> dict:
+        """A cheap liveness answer for the Ingress's /healthz."""
+        return {"tenants": len(self._ensembles), "registry_read": bool(self._loaded_at)}
+
+    # status ----------------------------------------------------------------------------------
+
+    async def ensemble(self, tenant: str) -> dict | None:
+        """What this replica uses for ``tenant`` now: members, weights, rollouts, online accuracy
+        and unhealthy models (None: an unknown tenant)."""
+        await self._ensure_fresh({tenant})
+        ensemble = self._ensembles.get(tenant)
+        if ensemble is None:
+            return None
+        keys = [m.key for m in ensemble.members] + [r.member.key for r in ensemble.rollouts]
+        return {
+            "tenant": tenant,
+            "members": {m.key: {"kind": m.kind, "weight": m.weight} for m in ensemble.members},
+            "rollouts": {r.member.key: {"mode": r.mode, "fraction": r.fraction, "weight": r.member.weight} for r in ensemble.rollouts},
+            "online_accuracy": self._accuracy.of(keys),
+            "unhealthy": sorted(self._unhealthy_now() & set(keys)),
+            "generation": self._config.generation,
+        }
+
+    def __del__(self) -> None:
+        self._store.close()
+
+
+def _details(requests: list[ScoreRequest], ids: list[str]) -> PredictionDetails:
+    """Per-item event ids, entities, times, subjects and latencies of a group, with defaults."""
+    now = datetime.now(timezone.utc)
+    finished = time.time()
+    details = PredictionDetails([], [], [], [], [])
+    start = 0
+    for request in requests:
+        count = len(request)
+        details.event_ids.extend(request.event_ids or ids[start : start + count])
+        details.entities.extend(request.entities or [""] * count)
+        details.event_times.extend(request.event_times or [now] * count)
+        details.subjects.extend(request.subjects or [None] * count)
+        latency = (finished - request.received_at) * 1000.0 if request.received_at else 0.0
+        details.latency_ms.extend([latency] * count)
+        start += count
+    return details

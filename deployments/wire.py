@@ -1,0 +1,282 @@
+"""The HTTP formats of ``POST /v1/predict``: request bodies in, response bodies out.
+
+Requests (the tenant and data type may also come as query parameters ``tenant``/``data_type``):
+
+- JSON (``application/json``), one window::
+
+      {"tenant": "acme", "window": [0.1, ...], "entity": "pump-1", "event_id": "e1",
+       "event_time": "2026-03-01T12:00:00Z", "data_type": "metric"}
+
+  or a batch: ``"windows": [[...], ...]`` with optional ``entities``/``event_ids``/``event_times``
+  lists (one per window) or one ``entity`` for all. Image frames are ``[height][width]`` lists.
+- NumPy (``application/x-npy``): the body is one ``.npy`` array ``[n, window_length]`` (or
+  ``[n, height, width]``), float; ``tenant`` (and ``entity``) are query parameters. No JSON at all
+  on the way in: the fastest form.
+- Arrow IPC stream (``application/vnd.apache.arrow.stream``): a table with a list-of-float column
+  ``window`` and optional ``entity``, ``event_id``, ``event_time``, ``subject`` columns.
+
+Responses are JSON. One window: ``{"prediction_id", "tenant", "ensemble_score", "is_anomaly",
+"scores": {"name@version": s}, "model_versions": {"name": "version"}, "weights": {...}}``. A JSON
+batch: ``{"tenant", "model_versions", "weights", "predictions": [{"prediction_id",
+"ensemble_score", "is_anomaly", "scores"}, ...]}``. A binary batch gets the same content as columns
+(``prediction_ids``, ``ensemble_scores``, ``is_anomaly``, ``scores: {key: [...]}``), which encode
+without a loop over windows.
+
+Every refusal is ``{"error": reason}`` with a 4xx/5xx status; nothing here raises anything but
+``Refused``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from deployments.records import Rejection, ScoreRequest, ScoreResult
+from rtml.schemas import DataType
+
+JSON = "application/json"
+NPY = "application/x-npy"
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SCORED_DATA_TYPES = (DataType.METRIC.value, DataType.IMAGE.value)
+_SINGLE_KEYS = {"tenant", "data_type", "window", "entity", "event_id", "event_time", "subject"}
+_BATCH_KEYS = {"tenant", "data_type", "windows", "entity", "entities", "event_ids", "event_times", "subjects"}
+
+
+class Refused(Exception):
+    """A request that cannot be scored as sent; carries the HTTP answer."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.rejection = Rejection(status, reason)
+
+
+def parse_predict(body: bytes, content_type: str, query: Mapping[str, str], max_windows: int) -> tuple[ScoreRequest, str]:
+    """The request in ``body``, and the response shape it asks for (``"single"``, ``"rows"`` or
+    ``"columns"``)."""
+    media_type = content_type.split(";")[0].strip().lower() or JSON
+    if media_type == JSON:
+        request, shape = _from_json(body, query)
+    elif media_type == NPY:
+        request, shape = _from_npy(body, query), "columns"
+    elif media_type == ARROW_STREAM:
+        request, shape = _from_arrow(body, query), "columns"
+    else:
+        raise Refused(415, f"unsupported content type {media_type!r}; send {JSON}, {NPY} or {ARROW_STREAM}")
+    if len(request) == 0:
+        raise Refused(400, "no windows to score")
+    if len(request) > max_windows:
+        raise Refused(413, f"{len(request)} windows in one request; the limit is {max_windows}, split the batch")
+    return request, shape
+
+
+def _tenant(value: Any) -> str:
+    if not isinstance(value, str) or not TENANT_PATTERN.match(value):
+        raise Refused(400, "'tenant' must be 1-64 characters of letters, digits, '_', '.' or '-'")
+    return value
+
+
+def _data_type(value: Any) -> str:
+    value = DataType.METRIC.value if value is None else value
+    if value not in _SCORED_DATA_TYPES:
+        raise Refused(400, f"'data_type' must be one of {list(_SCORED_DATA_TYPES)} to be scored, not {value!r}")
+    return value
+
+
+def _windows(values: Any, what: str) -> np.ndarray:
+    try:
+        windows = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise Refused(400, f"{what} must be equally long lists of numbers") from None
+    if windows.ndim < 2 or windows.shape[1] == 0:
+        raise Refused(400, f"{what} must hold windows (lists of numbers), got an array of shape {list(windows.shape)}")
+    if not np.isfinite(windows).all():
+        raise Refused(400, f"{what} contain NaN or infinite values; drop or fill them before scoring")
+    return windows
+
+
+def _strings(values: Any, count: int, name: str) -> list[str] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != count or not all(isinstance(v, str) and v for v in values):
+        raise Refused(400, f"'{name}' must be a list of {count} non-empty strings, one per window")
+    return values
+
+
+def _times(values: Any, count: int, name: str) -> list[datetime] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != count:
+        raise Refused(400, f"'{name}' must be a list of {count} ISO 8601 times, one per window")
+    times = []
+    for value in values:
+        try:
+            moment = datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            raise Refused(400, f"'{name}' holds {value!r}, which is not an ISO 8601 time") from None
+        times.append(moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc))
+    return times
+
+
+def _from_json(body: bytes, query: Mapping[str, str]) -> tuple[ScoreRequest, str]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise Refused(400, f"the body is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise Refused(400, "the body must be a JSON object with 'tenant' and 'window' or 'windows'")
+    single = "window" in document
+    if single == ("windows" in document):
+        raise Refused(400, "give either 'window' (one window) or 'windows' (a list of windows)")
+    unknown = set(document) - (_SINGLE_KEYS if single else _BATCH_KEYS)
+    if unknown:
+        raise Refused(400, f"unknown field(s) {sorted(unknown)}; see the predict request format")
+    tenant = _tenant(document.get("tenant", query.get("tenant")))
+    data_type = _data_type(document.get("data_type", query.get("data_type")))
+    if single:
+        windows = _windows([document["window"]], "'window'")
+        plural = {name: [document[name]] if name in document else None for name in ("entity", "event_id", "event_time", "subject")}
+        entities, event_ids, event_times, subjects = (
+            plural["entity"],
+            plural["event_id"],
+            plural["event_time"],
+            plural["subject"],
+        )
+    else:
+        windows = _windows(document["windows"], "'windows'")
+        entities = [document["entity"]] * len(windows) if "entity" in document else document.get("entities")
+        event_ids, event_times, subjects = document.get("event_ids"), document.get("event_times"), document.get("subjects")
+    count = len(windows)
+    if subjects is not None and (not isinstance(subjects, list) or len(subjects) != count):
+        raise Refused(400, f"'subjects' must be a list of {count} strings or nulls, one per window")
+    request = ScoreRequest(
+        tenant=tenant,
+        windows=windows,
+        data_type=data_type,
+        entities=_strings(entities, count, "entity" if single else "entities"),
+        event_ids=_strings(event_ids, count, "event_id" if single else "event_ids"),
+        event_times=_times(event_times, count, "event_time" if single else "event_times"),
+        subjects=subjects,
+    )
+    return request, "single" if single else "rows"
+
+
+def _from_npy(body: bytes, query: Mapping[str, str]) -> ScoreRequest:
+    tenant = _tenant(query.get("tenant"))
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise Refused(400, f"the body is not a .npy array: {error}") from None
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+        raise Refused(400, f"the .npy array must hold numbers, not {array.dtype}")
+    windows = _windows(array, "the .npy windows")
+    entity = query.get("entity")
+    return ScoreRequest(
+        tenant=tenant,
+        windows=windows,
+        data_type=_data_type(query.get("data_type")),
+        entities=[entity] * len(windows) if entity else None,
+    )
+
+
+def _from_arrow(body: bytes, query: Mapping[str, str]) -> ScoreRequest:
+    tenant = _tenant(query.get("tenant"))
+    try:
+        table = pa.ipc.open_stream(body).read_all()
+    except (pa.ArrowInvalid, OSError) as error:
+        raise Refused(400, f"the body is not an Arrow IPC stream: {error}") from None
+    if "window" not in table.column_names:
+        raise Refused(400, f"the Arrow table needs a 'window' column (list of floats); it has {table.column_names}")
+    column = table["window"].combine_chunks()
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)):
+        raise Refused(400, f"the 'window' column must be a list of floats, not {column.type}")
+    if column.null_count:
+        raise Refused(400, f"{column.null_count} window(s) are null")
+    lengths = np.unique(column.value_lengths().to_numpy(zero_copy_only=False))
+    if len(lengths) != 1:
+        raise Refused(400, f"every window must have the same length; got lengths {lengths.tolist()[:5]}")
+    try:
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    except (pa.ArrowInvalid, TypeError, ValueError):
+        raise Refused(400, f"the 'window' values must be numbers, not {column.type.value_type}") from None
+    windows = _windows(values.reshape(len(column), int(lengths[0])), "the Arrow windows")
+    return ScoreRequest(
+        tenant=tenant,
+        windows=windows,
+        data_type=_data_type(query.get("data_type")),
+        entities=_arrow_strings(table, "entity"),
+        event_ids=_arrow_strings(table, "event_id"),
+        event_times=_arrow_times(table),
+        subjects=table["subject"].to_pylist() if "subject" in table.column_names else None,
+    )
+
+
+def _arrow_strings(table: pa.Table, name: str) -> list[str] | None:
+    if name not in table.column_names:
+        return None
+    values = table[name].to_pylist()
+    if not all(isinstance(value, str) and value for value in values):
+        raise Refused(400, f"the '{name}' column must hold non-empty strings")
+    return values
+
+
+def _arrow_times(table: pa.Table) -> list[datetime] | None:
+    if "event_time" not in table.column_names:
+        return None
+    column = table["event_time"]
+    if not pa.types.is_timestamp(column.type) or column.null_count:
+        raise Refused(400, f"the 'event_time' column must hold timestamps without nulls, not {column.type}")
+    return _times([value.isoformat() for value in column.to_pylist()], table.num_rows, "event_time")
+
+
+def encode_result(request: ScoreRequest, result: ScoreResult, shape: str) -> bytes:
+    if shape == "single":
+        document: dict[str, Any] = {
+            "prediction_id": result.prediction_ids[0],
+            "tenant": request.tenant,
+            "ensemble_score": float(result.ensemble_scores[0]),
+            "is_anomaly": bool(result.is_anomaly[0]),
+            "scores": {key: float(scores[0]) for key, scores in result.scores.items()},
+            "model_versions": result.model_versions,
+            "weights": result.weights,
+        }
+    elif shape == "rows":
+        ensemble = result.ensemble_scores.tolist()
+        anomalies = result.is_anomaly.tolist()
+        per_model = {key: scores.tolist() for key, scores in result.scores.items()}
+        document = {
+            "tenant": request.tenant,
+            "model_versions": result.model_versions,
+            "weights": result.weights,
+            "predictions": [
+                {
+                    "prediction_id": prediction_id,
+                    "ensemble_score": ensemble[index],
+                    "is_anomaly": anomalies[index],
+                    "scores": {key: values[index] for key, values in per_model.items()},
+                }
+                for index, prediction_id in enumerate(result.prediction_ids)
+            ],
+        }
+    else:
+        document = {
+            "tenant": request.tenant,
+            "model_versions": result.model_versions,
+            "weights": result.weights,
+            "prediction_ids": result.prediction_ids,
+            "ensemble_scores": result.ensemble_scores,
+            "is_anomaly": result.is_anomaly,
+            "scores": result.scores,
+        }
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encode_rejection(rejection: Rejection) -> bytes:
+    return orjson.dumps({"error": rejection.reason})
