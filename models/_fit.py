@@ -7,7 +7,10 @@ import numpy as np
 import torch
 from torch import nn
 
-INFERENCE_BATCH = 8192
+# Inference always runs in batches of exactly this size (the last one padded): torch's CPU kernels
+# may round differently for different batch sizes, and a window's forecast must not depend on how
+# many other windows were scored with it (the detector's causality rests on that).
+INFERENCE_BATCH = 1024
 
 
 def resolve_device(device: str) -> str:
@@ -60,13 +63,15 @@ def train(
 
 
 def predict(network: nn.Module, inputs: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """``network(inputs)`` in large batches without autograd, as float32 numpy."""
+    """``network(inputs)`` in fixed-size batches without autograd, as float32 numpy."""
     network.eval()
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(inputs), INFERENCE_BATCH):
-            chunk = torch.tensor(np.asarray(inputs[start : start + INFERENCE_BATCH]), dtype=torch.float32)
-            outputs.append(network(chunk.to(device)).float().cpu().numpy())
+            chunk = np.asarray(inputs[start : start + INFERENCE_BATCH], dtype=np.float32)
+            padded = np.zeros((INFERENCE_BATCH, *chunk.shape[1:]), dtype=np.float32)
+            padded[: len(chunk)] = chunk
+            outputs.append(network(torch.from_numpy(padded).to(device)).float().cpu().numpy()[: len(chunk)])
     if not outputs:
         return np.zeros((0,), dtype=np.float32)
     return np.concatenate(outputs)

@@ -1,0 +1,66 @@
+"""The streaming detector: causal (appending future values never changes earlier scores), calibrated
+to [0, 1], and it flags what it should."""
+
+import numpy as np
+import pytest
+
+from models.detector import DetectorConfig, ForecasterSpec, detect, dominant_period
+
+# Small and quick, but with every part of the default detector: forecasters of two kinds with
+# refits, the seasonal member and novelty.
+QUICK = DetectorConfig(
+    forecasters=(
+        ForecasterSpec("rnn", 12, hparams={"hidden": 8}),
+        ForecasterSpec("cnn", 24, horizon=2, hparams={"channels": 4, "levels": 3}),
+    ),
+    initial_epochs=2,
+    refit_epochs=1,
+    refit_every=120,
+    history=300,
+    long_window=200,
+)
+
+
+def seasonal_series(length=900, period=40, seed=0):
+    rng = np.random.default_rng(seed)
+    steps = np.arange(length)
+    return 10 + 3 * np.sin(2 * np.pi * steps / period) + rng.normal(0, 0.2, length)
+
+
+def test_appending_future_values_never_changes_earlier_scores():
+    values = seasonal_series()
+    values[650:660] += 6  # an anomaly after the first cut, so later parts differ in kind
+    full = detect(values, learning_rows=200, config=QUICK)
+    for cut in (201, 333, 600, 700):
+        np.testing.assert_array_equal(detect(values[:cut], learning_rows=200, config=QUICK), full[:cut])
+
+
+def test_scores_are_in_range_zero_while_learning_and_peak_at_a_spike():
+    values = seasonal_series()
+    values[700] += 8
+    scores = detect(values, learning_rows=200, config=QUICK)
+    assert scores.shape == values.shape
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert not scores[:200].any()
+    assert scores[700] == scores.max() and scores[700] > 0.9
+    assert np.median(scores[200:]) < 0.1
+
+
+def test_a_day_missing_its_pattern_is_flagged():
+    values = seasonal_series(period=40)
+    values[600:640] = 10.0  # one period flat at the mean: no new extreme, only a missing pattern
+    scores = detect(values, learning_rows=200, config=QUICK)
+    assert scores[600:650].max() > 0.7 > np.percentile(scores[250:600], 99)
+
+
+def test_dominant_period_is_found_and_noise_has_none():
+    assert dominant_period(seasonal_series(period=40)[:400], 0.5) == 40
+    assert dominant_period(np.random.default_rng(1).normal(size=400), 0.5) is None
+    assert dominant_period(np.full(400, 3.0), 0.5) is None
+
+
+def test_non_finite_values_are_refused():
+    values = seasonal_series(300)
+    values[10] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        detect(values, learning_rows=100, config=QUICK)
