@@ -73,22 +73,44 @@ class LakehouseSettings(BaseModel):
 class KafkaSettings(BaseModel):
     bootstrap_servers: str = "127.0.0.1:19092"
     topic_prefix: str = "rtml"
-    # "tenant": one topic per tenant; "shared": one topic keyed by tenant.
+    # "tenant": one topic per tenant ("<prefix>.events.<tenant>"); "shared": one topic
+    # ("<prefix>.events") for all. Records are keyed "tenant/entity" either way, so that a series
+    # stays in one partition and in order.
     topic_layout: Literal["tenant", "shared"] = "shared"
     partitions: int = 4
     consumer_group: str = "rtml-consumers"
     dead_letter_topic: str = "rtml.dead-letter"
+    # How long a consumer keeps retrying the broker (commits, dead letters) before it gives up.
+    broker_timeout_s: float = 120.0
 
 
 class StreamingSettings(BaseModel):
     source: Literal["replay", "kafka"] = "replay"
     consumers: int = 2
     max_poll_records: int = 2000
+    poll_timeout_s: float = 0.05
     window_seconds: float = 60.0
     slide_seconds: float = 60.0
     allowed_lateness_seconds: float = 30.0
+    # The file the replay source reads (CSV or JSONL); empty: the demo's bundled sensor streams.
+    replay_path: str = ""
+    replay_partitions: int = 4
     replay_speed: float = 0.0  # 0 = as fast as possible; 1 = real time
-    max_in_flight_batches: int = 4
+    # Scored batches a consumer may have waiting for their lakehouse write before it stops reading.
+    max_in_flight_batches: int = 8
+    # Per data type: "stream" (window and score now) or "batch" (only land in the events table).
+    routes: dict[str, Literal["stream", "batch"]] = Field(
+        default_factory=lambda: {"metric": "stream", "image": "stream", "record": "batch"}
+    )
+    # Also land stream-path events in the events table (the raw series later training reads).
+    land_stream_events: bool = True
+    # Per-partition consumer checkpoints (offsets + window state); a path or a pyarrow URI (s3://...)
+    # that every node of the cluster can reach. Empty: <home>/streaming/checkpoints.
+    checkpoint_dir: str = ""
+    # Dead letters of the replay source (Kafka sources use kafka.dead_letter_topic). Empty: <home>/streaming/dead-letters.
+    dead_letter_dir: str = ""
+    # Consumer i serves Prometheus metrics on metrics_port + i; 0: not served (still readable via the actor).
+    metrics_port: int = 0
 
 
 class ModelSettings(BaseModel):

@@ -84,6 +84,7 @@ class ClosedWindows:
     start_us: np.ndarray  # int64
     end_us: np.ndarray  # int64
     values: np.ndarray  # float64 [n, len(AGGREGATES)]
+    subjects: np.ndarray  # object: the data subject last named by the key's events, or None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -145,6 +146,7 @@ class WindowState:
         self._partition = np.empty(0, np.int32)
         self._history = np.empty((0, spec.history), np.float64)
         self._history_filled = np.empty(0, bool)
+        self._subject = np.empty(0, dtype=object)
         self._open = _empty_accumulators()
 
     @property
@@ -156,12 +158,22 @@ class WindowState:
         return len(self._open["key"])
 
     def process(
-        self, keys: np.ndarray, times_us: np.ndarray, values: np.ndarray, partitions: np.ndarray | None = None
+        self,
+        keys: np.ndarray,
+        times_us: np.ndarray,
+        values: np.ndarray,
+        partitions: np.ndarray | None = None,
+        subjects: np.ndarray | None = None,
     ) -> WindowedBatch:
-        """Judge, window and aggregate one batch of events given in arrival order."""
+        """Judge, window and aggregate one batch of events given in arrival order. ``partitions``
+        (the source partition of each event) decide which checkpoint a key's state goes to;
+        ``subjects`` (None where an event names nobody) are kept per key for the feature rows."""
         times_us = np.asarray(times_us, dtype=np.int64)
         values = np.asarray(values, dtype=np.float64)
         key_index = self._key_indices(np.asarray(keys, dtype=object), partitions)
+        if subjects is not None:
+            named = np.flatnonzero(np.not_equal(subjects, None))
+            self._subject[key_index[named]] = np.asarray(subjects, dtype=object)[named]
         status = self._judge_lateness(key_index, times_us)
         accepted = np.flatnonzero(status != DROPPED)
         windows = self._model_windows(key_index[accepted], values[accepted])
@@ -194,6 +206,7 @@ class WindowState:
         self._partition = np.concatenate([self._partition, np.full(count, -1, np.int32)])
         self._history = np.concatenate([self._history, np.zeros((count, self.spec.history))])
         self._history_filled = np.concatenate([self._history_filled, np.zeros(count, bool)])
+        self._subject = np.concatenate([self._subject, np.full(count, None, dtype=object)])
 
     def _judge_lateness(self, key_index: np.ndarray, times: np.ndarray) -> np.ndarray:
         status = np.full(len(times), ON_TIME, dtype=np.int8)
@@ -297,7 +310,7 @@ class WindowState:
             ]
         ).reshape(len(count), len(AGGREGATES))
         start = closed["k"] * self.spec.slide_us
-        return ClosedWindows(self._names[closed["key"]], start, start + self.spec.size_us, values)
+        return ClosedWindows(self._names[closed["key"]], start, start + self.spec.size_us, values, self._subject[closed["key"]])
 
     # checkpoints ---------------------------------------------------------------------------------
 
@@ -310,6 +323,7 @@ class WindowState:
                 "key": pa.array(self._names[keys], pa.string()),
                 "watermark": pa.array(self._watermark[keys], pa.int64()),
                 "history_filled": pa.array(self._history_filled[keys]),
+                "subject": pa.array(self._subject[keys], pa.string()),
                 "history": pa.FixedSizeListArray.from_arrays(
                     pa.array(self._history[keys].ravel(), pa.float64()), self.spec.history
                 ),
@@ -337,6 +351,7 @@ class WindowState:
             state._partition[base:] = partition
             state._history[base:] = pc.list_flatten(key_table["history"]).to_numpy().reshape(len(names), spec.history)
             state._history_filled[base:] = key_table["history_filled"].to_numpy(zero_copy_only=False)
+            state._subject[base:] = key_table["subject"].to_pylist()
             columns = {name: windows[name].to_numpy() for name in _ACCUMULATOR_FIELDS}
             columns["key"] = columns["key"] + base
             accumulators.append(columns)

@@ -1,0 +1,2 @@
+"""Observability: Prometheus metrics (``observability.metrics``); tracing, alert rules and dashboards
+arrive with the observability issue."""

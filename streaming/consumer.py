@@ -1,0 +1,417 @@
+"""One stream consumer: the loop a Ray actor runs over the partitions it owns.
+
+    poll -> route (DataRouter) -> windows and features (WindowState) -> score (EnsembleClient)
+         -> hand rows to the LakehouseSink -> once durable: checkpoint, commit offsets
+
+Scoring is waited for, lakehouse writes are not: up to ``streaming.max_in_flight_batches`` scored
+batches may wait for durability while the consumer reads on; beyond that it stops reading until
+the oldest is written (back-pressure: a slow lakehouse or model slows the consumer, nothing piles
+up). Batches become durable in order, and only then are their partitions checkpointed.
+
+Failure: the actor is restarted by Ray (``max_restarts``) and its ``run`` resubmitted
+(``max_task_retries``); the new process loads the checkpoints and re-reads from them. A lakehouse
+write that fails makes the running consumer rewind to its checkpoints the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import ray
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+from observability import metrics
+from rtml.errors import RtmlError
+from rtml.settings import Settings
+from streaming.checkpoints import Checkpoint, CheckpointStore
+from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
+from streaming.features import feature_rows, feature_set_version, window_spec
+from streaming.router import DataRouter, EventColumns, RoutedBatch
+from streaming.scoring import EnsembleClient, Refusal, ScoredWindows, WindowBatch, prediction_table
+from streaming.sources.base import Source
+from streaming.windowing import DROPPED, LATE, WindowState
+
+log = logging.getLogger(__name__)
+LAG_REFRESH_S = 1.0
+EXPORTED_OUTCOMES = ("scored", "late", "dropped", "unscored", "landed")
+LATENCY_SAMPLES = 200_000
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """Everything a consumer needs to (re)build itself; Ray keeps it for restarts."""
+
+    settings: Settings
+    group: str  # names the checkpoints and the metrics; the Kafka consumer group for Kafka sources
+    index: int
+    consumers: int
+    replay_path: str = ""  # replay sources: the file
+    replay_started_at: float = 0.0  # replay sources: wall-clock start of the replay clock
+
+
+def open_source(spec: ConsumerSpec) -> Source:
+    streaming = spec.settings.streaming
+    if streaming.source == "kafka":
+        from streaming.sources.kafka import KafkaSource
+
+        kafka = spec.settings.kafka.model_copy(update={"consumer_group": spec.group})
+        return KafkaSource(kafka, spec.index, spec.consumers, streaming.max_poll_records)
+    from streaming.sources.replay import ReplaySource
+
+    owned = list(range(spec.index, streaming.replay_partitions, spec.consumers))
+    return ReplaySource(spec.replay_path, streaming.replay_partitions, owned, streaming.replay_speed, spec.replay_started_at)
+
+
+def storage_dir(configured: str, settings: Settings, name: str) -> str:
+    return configured or str(settings.home_dir / "streaming" / name)
+
+
+def open_dead_letters(spec: ConsumerSpec) -> DeadLetterSink:
+    settings = spec.settings
+    if settings.streaming.source == "kafka":
+        kafka = settings.kafka
+        return KafkaDeadLetters(kafka.bootstrap_servers, kafka.dead_letter_topic, kafka.broker_timeout_s)
+    return FileDeadLetters(Path(storage_dir(settings.streaming.dead_letter_dir, settings, "dead-letters")) / spec.group)
+
+
+@dataclass
+class _Pending:
+    """A scored batch whose rows the sink is writing."""
+
+    write: ray.ObjectRef
+    positions: dict[int, int]  # read positions of the touched partitions after this batch
+    state: dict[int, tuple[pa.Table, pa.Table]]  # their window state after this batch
+    available_at: np.ndarray  # of the events it scored
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    scored: int = 0
+    late: int = 0
+    dropped: int = 0
+    dead_letters: int = 0
+    unscored: int = 0
+    landed: int = 0
+    feature_windows: int = 0
+    restarts_from_checkpoint: int = 0
+    durable_latency_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+
+
+class StreamConsumer:
+    """Run as a Ray actor with ``max_concurrency > 1``: ``run`` occupies one thread, ``stats``,
+    ``finish_at`` and ``stop`` answer from the others."""
+
+    def __init__(self, spec: ConsumerSpec, client: EnsembleClient, sink: ray.actor.ActorHandle):
+        settings = spec.settings
+        self.spec = spec
+        self._streaming = settings.streaming
+        self._client = client
+        self._sink = sink
+        self._window_spec = window_spec(settings)
+        self._feature_set = feature_set_version(self._window_spec)
+        self._router = DataRouter(self._streaming.routes, self._streaming.land_stream_events)
+        self._checkpoints = CheckpointStore(
+            storage_dir(self._streaming.checkpoint_dir, settings, "checkpoints"),
+            spec.group,
+            f"{self._feature_set}:history={self._window_spec.history}",
+        )
+        self._dead_letters = open_dead_letters(spec)
+        self._source = open_source(spec)
+        self._stop = threading.Event()
+        self._targets: dict[int, int] | None = None
+        self._counts = Counts()
+        self._lag_checked = 0.0
+        self._ends: dict[int, int] = {}
+        self._labels = {"group": spec.group}
+        if self._streaming.metrics_port:
+            metrics.serve(self._streaming.metrics_port + spec.index)
+        self._restore()
+
+    # the loop ------------------------------------------------------------------------------------
+
+    def run(self, until_end: bool = False) -> dict:
+        """Consume until ``stop``, until the targets given to ``finish_at`` are reached, or (with
+        ``until_end``) until the partitions' current ends are; then flush the open windows, wait
+        for every write and checkpoint. Returns ``stats()``."""
+        ends = self._source.end_offsets() if until_end else None
+        while not self._stop.is_set():
+            try:
+                self._settle(block=len(self._in_flight) >= self._streaming.max_in_flight_batches)
+                if self._reached(self._targets or ends):
+                    self._finish()
+                    break
+                batch = self._source.poll(self._streaming.max_poll_records, self._streaming.poll_timeout_s)
+                if len(batch):
+                    self._process(batch)
+            except _WriteFailed as failure:
+                log.error("consumer %s: a lakehouse write failed (%s); rewinding to the checkpoints", self.spec.index, failure)
+                time.sleep(1.0)
+                self._restore()
+        return self.stats()
+
+    def finish_at(self, targets: Mapping[str, int]) -> None:
+        """Finish once every owned partition named in ``targets`` (partition name -> offset) is read
+        up to that offset."""
+        position_of = {name: i for i, name in enumerate(self._source.partitions)}
+        self._targets = {position_of[name]: offset for name, offset in targets.items() if name in position_of}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """Per owned partition: (checkpointed position, log end as last seen)."""
+        durable = dict(self._durable)
+        return {name: (durable.get(i, 0), self._ends.get(i, 0)) for i, name in enumerate(self._source.partitions)}
+
+    def metrics_text(self) -> bytes:
+        return metrics.exposition()
+
+    def stats(self) -> dict:
+        counts = self._counts
+        latency = np.array(counts.durable_latency_s, dtype=np.float64)
+        return {
+            "index": self.spec.index,
+            "partitions": list(self._source.partitions),
+            "positions": {self._source.partitions[i]: p for i, p in dict(self._durable).items()},
+            "read": counts.read,
+            "scored": counts.scored,
+            "late": counts.late,
+            "dropped": counts.dropped,
+            "dead_letters": counts.dead_letters,
+            "unscored": counts.unscored,
+            "landed": counts.landed,
+            "feature_windows": counts.feature_windows,
+            "restarts_from_checkpoint": counts.restarts_from_checkpoint,
+            "event_to_durable_s": {q: float(np.percentile(latency, q)) for q in (50, 99)} if len(latency) else {},
+            "dead_letter_location": self._dead_letters.location,
+            "checkpoint_location": self._checkpoints.location,
+        }
+
+    # steps ---------------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Window state and read positions from the checkpoints (nothing in flight survives)."""
+        parts, positions = {}, {}
+        for i, name in enumerate(self._source.partitions):
+            checkpoint = self._checkpoints.load(name)
+            if checkpoint is not None:
+                parts[i] = (checkpoint.keys, checkpoint.windows)
+                positions[i] = checkpoint.offset
+        self._state = WindowState.from_arrow(self._window_spec, parts)
+        self._source.seek(positions)
+        self._durable = dict(positions)
+        self._read = dict(positions)
+        self._in_flight: deque[_Pending] = deque()
+        if positions:
+            self._counts.restarts_from_checkpoint += 1
+
+    def _reached(self, targets: Mapping[int, int] | None) -> bool:
+        if targets is None:
+            return False
+        return all(self._read.get(i, 0) >= end for i, end in targets.items())
+
+    def _process(self, batch) -> None:
+        routed = self._router.route(batch, self._source.partitions)
+        metric_events = routed.metrics
+        windowed = self._state.process(
+            metric_events.keys, metric_events.event_time_us, metric_events.value, metric_events.partition, metric_events.subject
+        )
+        scored_events = metric_events.take(windowed.accepted)
+        requests = _window_batches(scored_events, windowed.model_windows, "metric") + _image_batches(routed)
+        predictions, refused = self._score(requests)
+        letters = sorted(_dead_letters(routed, self._source.partitions) + refused, key=lambda letter: (letter.partition, letter.offset))
+        if letters:
+            self._dead_letters.write(letters)
+        tables = {
+            "events": routed.landed.events_table(),
+            "features": feature_rows(windowed.closed, self._feature_set),
+            "predictions": pa.concat_tables(predictions) if predictions else None,
+        }
+        self._submit({name: rows for name, rows in tables.items() if rows is not None}, batch.next_positions(), scored_events.available_at)
+        self._count(
+            read=len(batch),
+            scored=sum(table.num_rows for table in predictions),
+            late=int((windowed.status == LATE).sum()),
+            dropped=int((windowed.status == DROPPED).sum()),
+            unscored=len(refused),
+            landed=len(routed.landed),
+            dead_letters=len(letters),
+            feature_windows=len(windowed.closed),
+        )
+
+    def _score(self, requests: list[tuple[WindowBatch, EventColumns]]) -> tuple[list[pa.Table], list[DeadLetter]]:
+        """Prediction rows of the scored requests, and dead letters for those refused for good.
+        Refusals that may pass later (5xx) and unreachable services are retried."""
+        answers: list[ScoredWindows | Refusal | None] = [None] * len(requests)
+        retrying = Retrying(
+            retry=retry_if_exception_type(Exception),
+            stop=stop_after_delay(self.spec.settings.kafka.broker_timeout_s),
+            wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                waiting = [i for i, answer in enumerate(answers) if answer is None]
+                if waiting:
+                    for i, answer in zip(waiting, self._client.score([requests[i][0] for i in waiting])):
+                        if isinstance(answer, ScoredWindows) or answer.permanent:
+                            answers[i] = answer
+                    if any(answer is None for answer in answers):
+                        raise _ScoringUnavailable("some batches were refused for now; retrying")
+        scored_at = time.time()
+        tables, refused = [], []
+        histogram = metrics.EVENT_TO_PREDICTION.labels(**self._labels)
+        for (request, events), answer in zip(requests, answers):
+            if isinstance(answer, ScoredWindows):
+                tables.append(prediction_table(request, answer, scored_at))
+                for latency in (scored_at - request.available_at).tolist():
+                    histogram.observe(latency)
+            else:
+                refused.extend(_refused_letters(events, answer, self._source.partitions))
+        return tables, refused
+
+    def _submit(self, tables: dict[str, pa.Table], positions: dict[int, int], available_at: np.ndarray) -> None:
+        self._read.update(positions)
+        state = {partition: self._state.to_arrow(partition) for partition in positions}
+        write = self._sink.write.remote(tables)
+        self._in_flight.append(_Pending(write, positions, state, available_at))
+
+    def _settle(self, block: bool) -> None:
+        """Checkpoint behind every batch whose rows are durable, oldest first; with ``block``, wait
+        for at least the oldest."""
+        settled: list[_Pending] = []
+        while self._in_flight:
+            head = self._in_flight[0]
+            ready, _ = ray.wait([head.write], timeout=None if block and not settled else 0)
+            if not ready:
+                break
+            try:
+                ray.get(head.write)
+            except Exception as error:  # the sink's or the lakehouse's failure: nothing after it is durable either
+                raise _WriteFailed(str(error)) from error
+            settled.append(self._in_flight.popleft())
+        if settled:
+            self._checkpoint(settled)
+        self._export_lag()
+
+    def _checkpoint(self, settled: list[_Pending]) -> None:
+        now = time.time()
+        latest: dict[int, tuple[int, tuple[pa.Table, pa.Table]]] = {}
+        for pending in settled:
+            for partition, position in pending.positions.items():
+                latest[partition] = (position, pending.state[partition])
+            self._counts.durable_latency_s.extend((now - pending.available_at).tolist())
+        for partition, (position, (keys, windows)) in latest.items():
+            self._checkpoints.save(self._source.partitions[partition], Checkpoint(position, keys, windows))
+            self._durable[partition] = position
+        try:
+            self._source.commit({partition: position for partition, (position, _) in latest.items()})
+        except Exception as error:  # the checkpoints hold the progress; the log catches up on the next commit
+            log.warning("consumer %s: committing offsets to the log failed (%s); will retry", self.spec.index, error)
+
+    def _finish(self) -> None:
+        """Write the windows still open and wait for every write (the stream has ended)."""
+        closed = self._state.flush()
+        self._count(feature_windows=len(closed))
+        touched = {i: self._read.get(i, 0) for i in range(len(self._source.partitions))}
+        self._submit({"features": feature_rows(closed, self._feature_set)}, touched, np.empty(0))
+        while self._in_flight:
+            self._settle(block=True)
+
+    def _export_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._lag_checked < LAG_REFRESH_S:
+            return
+        self._lag_checked = now
+        try:
+            ends = self._source.end_offsets()
+        except Exception as error:  # the broker is away; the gauge keeps its last value
+            log.info("consumer %s: cannot read end offsets for the lag metric: %s", self.spec.index, error)
+            return
+        self._ends = ends
+        for partition, end in ends.items():
+            lag = max(0, end - self._durable.get(partition, 0))
+            metrics.CONSUMER_LAG.labels(partition=self._source.partitions[partition], **self._labels).set(lag)
+
+    def _count(self, **amounts: int) -> None:
+        """Add to this consumer's counts (``stats``) and to the exported metrics."""
+        for name, amount in amounts.items():
+            setattr(self._counts, name, getattr(self._counts, name) + amount)
+            if name in EXPORTED_OUTCOMES:
+                metrics.STREAM_EVENTS.labels(outcome=name, **self._labels).inc(amount)
+        metrics.DEAD_LETTERS.labels(**self._labels).inc(amounts.get("dead_letters", 0))
+        metrics.FEATURE_WINDOWS.labels(**self._labels).inc(amounts.get("feature_windows", 0))
+
+
+class _ScoringUnavailable(RtmlError):
+    pass
+
+
+class _WriteFailed(RtmlError):
+    pass
+
+
+def _window_batches(events: EventColumns, windows: np.ndarray, data_type: str) -> list[tuple[WindowBatch, EventColumns]]:
+    """One request per tenant (in arrival order within each), with the events it is made of."""
+    batches = []
+    for tenant in dict.fromkeys(events.tenant.tolist()):
+        rows = np.flatnonzero(events.tenant == tenant)
+        part = events.take(rows)
+        request = WindowBatch(
+            tenant=tenant,
+            data_type=data_type,
+            windows=windows[rows],
+            event_ids=part.event_id.tolist(),
+            entities=part.entity.tolist(),
+            event_times_us=part.event_time_us,
+            subjects=part.subject.tolist(),
+            available_at=part.available_at,
+        )
+        batches.append((request, part))
+    return batches
+
+
+def _image_batches(routed: RoutedBatch) -> list[tuple[WindowBatch, EventColumns]]:
+    frames = routed.frames
+    if not len(frames):
+        return []
+    batches = []
+    shapes = np.array([f"{image.shape}" for image in routed.images], dtype=object)
+    for shape in dict.fromkeys(shapes.tolist()):
+        same = np.flatnonzero(shapes == shape)
+        stacked = np.stack([routed.images[i] for i in same])
+        batches.extend(_window_batches(frames.take(same), stacked, "image"))
+    return batches
+
+
+def _dead_letters(routed: RoutedBatch, partitions: list[str]) -> list[DeadLetter]:
+    dead = routed.dead
+    return [
+        DeadLetter(partitions[p], int(o), payload, reason)
+        for p, o, payload, reason in zip(dead.partition, dead.offset, dead.payload, dead.reason)
+    ]
+
+
+def _refused_letters(events: EventColumns, refusal: Refusal, partitions: list[str]) -> list[DeadLetter]:
+    """Valid events nobody can score (e.g. their tenant has no model): kept as dead letters with the
+    service's reason, so that they can be replayed once it can."""
+    reason = f"not scored ({refusal.status}): {refusal.reason}"
+    table = events.events_table().drop_columns(["payload"]).to_pylist()
+    return [
+        DeadLetter(partitions[p], int(o), orjson.dumps(row, default=str), reason)
+        for p, o, row in zip(events.partition, events.offset, table)
+    ]

@@ -1,0 +1,115 @@
+"""A streaming pipeline: ``streaming.consumers`` consumer actors over one source, one lakehouse sink.
+
+    pipeline = Pipeline(settings, client, group="demo")     # client: an EnsembleClient
+    pipeline.start(until_end=True)                           # replays: stop at the file's end
+    stats = pipeline.wait(on_progress=print)                 # Progress(durable, total, ...) as it goes
+    pipeline.shutdown()
+
+Consumers and the sink are Ray actors that Ray restarts when their process dies; a restarted
+consumer resumes from its checkpoints and Ray resubmits its ``run``. For Kafka, which has no end,
+``finish_at(targets)`` names the offsets to stop at (``log_ends()`` gives the current ones).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+
+from rtml.errors import RtmlError
+from rtml.settings import Settings
+from streaming.consumer import ConsumerSpec, StreamConsumer
+from streaming.scoring import EnsembleClient
+from streaming.sink import LakehouseSink
+
+# Logical CPUs each actor asks Ray for: they wait on I/O and on the models most of the time.
+CONSUMER_CPUS = 0.25
+SINK_CPUS = 0.25
+
+
+@dataclass
+class Progress:
+    durable: int  # records behind the consumers' checkpoints
+    total: int  # records in the log as last seen
+    partitions: dict[str, tuple[int, int]]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        client: EnsembleClient,
+        group: str,
+        replay_path: str = "",
+        replay_started_at: float | None = None,
+    ):
+        if settings.streaming.source == "replay" and not replay_path:
+            raise RtmlError("a replay pipeline needs the file to replay (streaming.replay_path)")
+        self.settings = settings
+        self.group = group
+        started = replay_started_at if replay_started_at is not None else time.time()
+        count = settings.streaming.consumers
+        if count < 1:
+            raise RtmlError("streaming.consumers must be at least 1")
+        self.specs = [ConsumerSpec(settings, group, i, count, replay_path, started) for i in range(count)]
+        self._client = client
+        self.sink = None
+        self.consumers: list = []
+        self._runs: list = []
+        self._targets: dict[str, int] | None = None
+
+    def start(self, until_end: bool = False) -> None:
+        restartable = {"max_restarts": -1, "max_task_retries": -1}
+        self.sink = ray.remote(LakehouseSink).options(num_cpus=SINK_CPUS, **restartable).remote(self.settings)
+        consumer = ray.remote(StreamConsumer).options(num_cpus=CONSUMER_CPUS, max_concurrency=4, **restartable)
+        self.consumers = [consumer.remote(spec, self._client, self.sink) for spec in self.specs]
+        self._runs = [c.run.remote(until_end) for c in self.consumers]
+
+    def finish_at(self, targets: dict[str, int]) -> None:
+        """Let every consumer finish once its partitions are read up to ``targets`` (name -> offset)."""
+        self._targets = dict(targets)
+        for c in self.consumers:
+            c.finish_at.remote(self._targets)
+
+    def progress(self, timeout_s: float = 5.0) -> Progress:
+        partitions: dict[str, tuple[int, int]] = {}
+        asked = [c.progress.remote() for c in self.consumers]
+        ready, _ = ray.wait(asked, num_returns=len(asked), timeout=timeout_s)
+        for answer in ray.get(ready):  # a consumer being restarted answers next time
+            partitions.update(answer)
+        return Progress(
+            sum(d for d, _ in partitions.values()), sum(max(d, e) for d, e in partitions.values()), partitions
+        )
+
+    def consumer_pids(self) -> list[int]:
+        return ray.get([c.pid.remote() for c in self.consumers])
+
+    def wait(self, on_progress: Callable[[Progress], None] | None = None, every_s: float = 0.5, timeout_s: float | None = None) -> list[dict]:
+        """Wait for every consumer's ``run`` to end; returns their stats."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            done, _ = ray.wait(self._runs, num_returns=len(self._runs), timeout=every_s)
+            if on_progress is not None:
+                on_progress(self.progress())
+            if len(done) == len(self._runs):
+                return ray.get(self._runs)
+            if self._targets is not None:  # a restarted consumer has forgotten them
+                for c in self.consumers:
+                    c.finish_at.remote(self._targets)
+            if deadline is not None and time.monotonic() > deadline:
+                raise RtmlError(f"the pipeline did not finish within {timeout_s:.0f}s; progress: {self.progress()}")
+
+    def stop(self) -> list[dict]:
+        for c in self.consumers:
+            c.stop.remote()
+        return ray.get(self._runs)
+
+    def shutdown(self) -> None:
+        if self.sink is not None:
+            ray.get(self.sink.close.remote())
+        for actor in [*self.consumers, self.sink]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        self.consumers, self.sink, self._runs = [], None, []
