@@ -33,6 +33,9 @@ class ScoreRequest:
     event_times: list[datetime] | None = None
     subjects: list[str | None] | None = None
     received_at: float = 0.0
+    # False: the caller writes the predictions itself (stream consumers, which commit their offsets
+    # only once their own write is durable), so the router does not.
+    persist: bool = True
 
     def __len__(self) -> int:
         return len(self.windows)

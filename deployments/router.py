@@ -246,11 +246,14 @@ class ModelRouter:
     ) -> None:
         """Hand the batch's predictions to the lakehouse writer and its anomalies to the agent
         graph; neither is waited for."""
-        if not (self._serving.persist_predictions or (self._agent_graph is not None and is_anomaly.any())):
+        persist = self._serving.persist_predictions and any(request.persist for request in requests)
+        if not (persist or (self._agent_graph is not None and is_anomaly.any())):
             return
         details = _details(requests, ids)
-        if self._serving.persist_predictions:
+        if persist:
             rows = prediction_rows(requests[0].tenant, ids, batch, ensemble, is_anomaly, model_versions, details)
+            if not all(request.persist for request in requests):
+                rows = rows.filter(np.repeat([request.persist for request in requests], [len(request) for request in requests]))
             self._store.write_predictions(rows)
         if self._agent_graph is not None and is_anomaly.any():
             anomalies = [

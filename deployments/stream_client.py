@@ -33,6 +33,7 @@ class RouterEnsembleClient:
                 event_times=[datetime.fromtimestamp(us / 1e6, tz=timezone.utc) for us in batch.event_times_us.tolist()],
                 subjects=batch.subjects,
                 received_at=float(batch.available_at.min()) if len(batch) else 0.0,
+                persist=False,
             )
             for batch in batches
         ]
