@@ -18,6 +18,7 @@ from lakehouse.cli import erase
 from models.cli import nab_app
 from models.cli import train as train_command
 from rtml.errors import NotImplementedYet, RtmlError
+from streaming.cli import demo
 
 app = typer.Typer(
     name="rtml",
@@ -35,12 +36,7 @@ app.add_typer(bench_app, name="bench")
 
 app.add_typer(lakehouse_app, name="lakehouse")
 app.command()(erase)
-
-
-@app.command()
-def demo() -> None:
-    """The main job: replay bundled sensor streams through the whole pipeline and summarise."""
-    raise NotImplementedYet("demo", "streaming")
+app.command()(demo)
 
 
 @app.command()

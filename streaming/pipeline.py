@@ -73,6 +73,11 @@ class Pipeline:
         for c in self.consumers:
             c.finish_at.remote(self._targets)
 
+    @property
+    def finishing(self) -> bool:
+        """Whether ``finish_at`` was called."""
+        return self._targets is not None
+
     def progress(self, timeout_s: float = 5.0) -> Progress:
         partitions: dict[str, tuple[int, int]] = {}
         asked = [c.progress.remote() for c in self.consumers]

@@ -118,3 +118,8 @@ class ReplaySource(Source):
 
     def end_offsets(self) -> dict[int, int]:
         return dict(self._ends)
+
+    @property
+    def remaining(self) -> int:
+        """Records not yet handed out."""
+        return len(self._queue) - self._cursor
