@@ -331,10 +331,11 @@ class StreamConsumer:
         self._submit({"features": feature_rows(closed, self._feature_set)}, touched, np.empty(0))
         while self._in_flight:
             self._settle(block=True)
+        self._export_lag(force=True)
 
-    def _export_lag(self) -> None:
+    def _export_lag(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._lag_checked < LAG_REFRESH_S:
+        if now - self._lag_checked < LAG_REFRESH_S and not force:
             return
         self._lag_checked = now
         try:

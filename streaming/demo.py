@@ -199,6 +199,8 @@ def _replay(demo: Settings, client, console: Console, truth: dict, models, kafka
     pipeline = Pipeline(demo, client, group=demo.kafka.consumer_group if kafka else "demo", replay_path=str(EVENTS_FILE), replay_started_at=started_at)
     produced, failure = threading.Event(), []
     if kafka:
+        from streaming.sources.kafka import log_end_offsets
+
         threading.Thread(target=_produce, args=(demo, speed, started_at, produced, failure), daemon=True).start()
         # The consumers need the topics' partitions to exist before they start.
         time.sleep(1.0)
@@ -212,29 +214,13 @@ def _replay(demo: Settings, client, console: Console, truth: dict, models, kafka
             if kafka and produced.is_set() and not pipeline.finishing:
                 if failure:
                     raise RtmlError(f"producing the demo events into Kafka failed: {failure[0]}")
-                pipeline.finish_at(log_ends(demo))
+                pipeline.finish_at(log_end_offsets(demo.kafka))
 
         try:
             stats = pipeline.wait(on_progress)
         finally:
             pipeline.shutdown()
     return summarize(lake, demo, truth, stats, models, time.time() - started_at)
-
-
-def log_ends(settings: Settings) -> dict[str, int]:
-    """Current end offsets of every events partition (partition name -> offset)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    from streaming.sources.kafka import events_topic
-
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
-    try:
-        prefix = events_topic(settings.kafka, "")
-        topics = [t for t in consumer.topics() if t.startswith(prefix.rstrip("."))]
-        partitions = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
-        return {f"{tp.topic}:{tp.partition}": offset for tp, offset in consumer.end_offsets(partitions).items()}
-    finally:
-        consumer.close()
 
 
 def summarize(lake, settings: Settings, truth: dict, stats: list[dict], models, elapsed_s: float) -> DemoResult:

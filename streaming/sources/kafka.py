@@ -67,6 +67,25 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
         admin.close()
 
 
+def log_end_offsets(settings: KafkaSettings) -> dict[str, int]:
+    """The current end offset of every events partition, by partition name ("topic:partition")."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        topics = [t for t in consumer.topics() if is_events_topic(settings, t)]
+        partitions = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
+        ends = consumer.end_offsets(partitions, timeout_ms=BROKER_CALL_TIMEOUT_MS)
+        return {f"{tp.topic}:{tp.partition}": offset for tp, offset in ends.items()}
+    finally:
+        consumer.close()
+
+
+def is_events_topic(settings: KafkaSettings, topic: str) -> bool:
+    base = f"{settings.topic_prefix}.events"
+    return topic == base if settings.topic_layout == "shared" else topic.startswith(base + ".")
+
+
 class EventProducer:
     """Writes events (mappings with Event's fields) to their tenant's topic as JSON."""
 
@@ -94,7 +113,6 @@ class KafkaSource(Source):
     def __init__(self, settings: KafkaSettings, consumer_index: int, consumers: int, max_poll_records: int):
         from kafka import KafkaConsumer, TopicPartition
 
-        self._settings = settings
         self._consumer = KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
             group_id=settings.consumer_group,
@@ -104,7 +122,7 @@ class KafkaSource(Source):
             fetch_max_wait_ms=50,
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
-        topics = sorted(t for t in self._consumer.topics() if self._is_events_topic(t))
+        topics = sorted(t for t in self._consumer.topics() if is_events_topic(settings, t))
         every = sorted(TopicPartition(t, p) for t in topics for p in sorted(self._consumer.partitions_for_topic(t) or ()))
         if not every:
             raise RtmlError(
@@ -114,10 +132,6 @@ class KafkaSource(Source):
         self._position_of = {tp: i for i, tp in enumerate(self._owned)}
         self.partitions = [f"{tp.topic}:{tp.partition}" for tp in self._owned]
         self._consumer.assign(self._owned)
-
-    def _is_events_topic(self, topic: str) -> bool:
-        base = f"{self._settings.topic_prefix}.events"
-        return topic == base if self._settings.topic_layout == "shared" else topic.startswith(base + ".")
 
     def seek(self, positions: Mapping[int, int]) -> None:
         committed = self.committed()
