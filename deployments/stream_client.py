@@ -1,26 +1,37 @@
 """Stream consumers' way to the ModelRouter: ``streaming.scoring.EnsembleClient`` over a Serve
 ``DeploymentHandle`` (streaming cannot import deployments, so the adapter lives here).
 
-    client = RouterEnsembleClient(serve.get_deployment_handle(ROUTER, app_name=...))
+    client = RouterEnsembleClient(app_name)  # small and picklable: it travels to consumer actors
     answers = client.score(window_batches)   # one ScoredWindows or Refusal per batch
 
-The handle is picklable, so the client travels to the consumer actors with it.
+The handle is looked up where the client is used, on first use, so that a consumer actor's
+constructor arguments stay a few kilobytes (Ray keeps those inline, and restarts need them).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from functools import cached_property
 
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.app import ROUTER
 from deployments.records import ScoreRequest, ScoreResult
 from streaming.scoring import Refusal, ScoredWindows, WindowBatch
 
 
 class RouterEnsembleClient:
-    def __init__(self, router: DeploymentHandle, timeout_s: float = 30.0):
-        self._router = router
+    def __init__(self, app_name: str, timeout_s: float = 30.0):
+        self._app_name = app_name
         self._timeout_s = timeout_s
+
+    def __getstate__(self) -> dict:
+        return {"_app_name": self._app_name, "_timeout_s": self._timeout_s}
+
+    @cached_property
+    def _router(self) -> DeploymentHandle:
+        return serve.get_deployment_handle(ROUTER, app_name=self._app_name)
 
     def score(self, batches: list[WindowBatch]) -> list[ScoredWindows | Refusal]:
         requests = [

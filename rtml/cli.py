@@ -52,9 +52,20 @@ def bench_serve() -> None:
 
 
 @bench_app.command("stream")
-def bench_stream() -> None:
-    """Raw kafka-python consumption vs rtml's full streaming path."""
-    raise NotImplementedYet("bench stream", "streaming")
+def bench_stream(
+    events: int = typer.Option(100_000, help="Events for the throughput runs (a) and (b)."),
+    rate: float = typer.Option(2000.0, help="Offered events/s for the latency run (c)."),
+    seconds: float = typer.Option(30.0, help="How long the latency run offers events."),
+    consumers: int = typer.Option(2, help="rtml consumer actors."),
+    write: bool = typer.Option(False, "--write", help="Write the figures into benchmarks/RESULTS.md."),
+) -> None:
+    """Raw kafka-python consumption vs rtml's full streaming path, on one Kafka broker."""
+    from benchmarks.stream import main as stream_benchmark
+    from rtml.settings import get_settings
+    from streaming.cli import require_kafka
+
+    require_kafka(get_settings())
+    stream_benchmark(events, rate, seconds, consumers, write, Console())
 
 
 def main() -> None:

@@ -17,14 +17,11 @@ console = Console()
 def deploy_scoring(settings: Settings):
     """Deploy the Serve app on the connected Ray cluster; the stream's client to its ModelRouter.
     (Entry-point code: the one place streaming meets deployments.)"""
-    from ray import serve
-
-    from deployments.app import ROUTER
     from deployments.control import deploy
     from deployments.stream_client import RouterEnsembleClient
 
     deploy(settings)
-    return RouterEnsembleClient(serve.get_deployment_handle(ROUTER, app_name=settings.serving.app_name))
+    return RouterEnsembleClient(settings.serving.app_name)
 
 
 def demo(
@@ -42,12 +39,12 @@ def demo(
     if consumers:
         settings = settings.model_copy(update={"streaming": settings.streaming.model_copy(update={"consumers": consumers})})
     if kafka:
-        _require_kafka(settings)
+        require_kafka(settings)
     result = run_demo(settings, deploy_scoring, console, kafka=kafka, speed=speed)
     print_summary(result, json.loads(TRUTH_FILE.read_text()), console)
 
 
-def _require_kafka(settings: Settings) -> None:
+def require_kafka(settings: Settings) -> None:
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 

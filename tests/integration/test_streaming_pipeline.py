@@ -243,3 +243,43 @@ def test_the_file_replay_survives_a_killed_consumer_and_keeps_late_and_bad_recor
     letters = FileDeadLetters(tmp_path / "dead" / run).read()
     assert [letter["payload"] for letter in letters] == ["{oops"]
     assert "not valid JSON" in letters[0]["reason"]
+
+
+def test_a_consumer_stops_reading_while_the_lakehouse_is_behind(stack, tmp_path):
+    """Back-pressure: with slow lakehouse commits, a consumer never holds more than
+    ``max_in_flight_batches`` batches that are read but not yet durable."""
+    import ray
+
+    from streaming.pipeline import Pipeline
+
+    settings, client, lake = stack
+    run = f"rtml-test-{uuid.uuid4().hex[:8]}"
+    events = _events(run)[:2000]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(e) for e in events) + b"\n")
+    in_flight, per_poll = 2, 100
+    settings = settings.model_copy(
+        update={
+            "lakehouse": settings.lakehouse.model_copy(update={"writer_flush_seconds": 0.5, "writer_batch_rows": 100_000}),
+            "streaming": settings.streaming.model_copy(
+                update={"source": "replay", "replay_speed": 0.0, "consumers": 1, "max_in_flight_batches": in_flight, "max_poll_records": per_poll}
+            ),
+        }
+    )
+    pipeline = Pipeline(settings, client, group=run, replay_path=str(path))
+    ahead = []
+
+    def sample(_progress) -> None:
+        stats = ray.get(pipeline.consumers[0].stats.remote())
+        ahead.append(stats["read"] - sum(stats["positions"].values()))
+
+    try:
+        pipeline.start(until_end=True)
+        pipeline.wait(on_progress=sample, every_s=0.05, timeout_s=300)
+    finally:
+        pipeline.shutdown()
+
+    # One more batch may be read between the two counters being looked at.
+    assert max(ahead) <= (in_flight + 1) * per_poll
+    assert max(ahead) > per_poll, "the consumer never ran ahead of the lakehouse, so nothing was tested"
+    _assert_exactly_one_prediction_per_event(lake, run, events)
