@@ -63,7 +63,7 @@ class DetectorConfig:
     long_window: int = 500
     seasonal_short_window: int = 30
     seasonal_min_autocorrelation: float = 0.5
-    spatial_tolerance: float = 0.02
+    spatial_tolerance: float = 0.01
     high_score: float = 0.7
     quiet_after: int = 50
     seed: int = 0
