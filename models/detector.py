@@ -25,7 +25,10 @@ detector learns on the first ``learning_rows`` values and keeps adapting afterwa
 5. Novelty: a value beyond the range seen so far by more than ``spatial_tolerance`` of that range
    scores 1, as in Numenta's detector (people label such values anomalous).
 6. Only the first of consecutive high scores stays high (``quiet_after``): an anomaly is reported
-   once, not at every value that follows it.
+   once, not at every value that follows it. The forecasters' own reports are spaced further apart,
+   by ``forecaster_quiet_learning_periods`` learning periods: when their errors rise for good (the
+   series became noisier), that is one change, and the refits need about a learning period to
+   absorb it; reporting it again every ``quiet_after`` values was most of the false alarms.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class DetectorConfig:
     spatial_tolerance: float = 0.01
     high_score: float = 0.7
     quiet_after: int = 50
+    forecaster_quiet_learning_periods: float = 1.0
     seed: int = 0
 
 
@@ -81,6 +85,7 @@ def detect(values: np.ndarray, learning_rows: int, config: DetectorConfig = Dete
         for spec in config.forecasters
     ]
     scores = np.mean(model_scores, axis=0) if model_scores else np.zeros(n)
+    scores = _report_once(scores, config.high_score, int(config.forecaster_quiet_learning_periods * learning_rows))
     seasonal = _seasonal_errors(values, learning_rows, config.seasonal_min_autocorrelation)
     if seasonal is not None:
         scores = np.maximum(scores, _likelihood(seasonal, config.seasonal_short_window, config.long_window))
