@@ -1,7 +1,8 @@
 """The NAB scorer (Lavin & Ahmad 2015; Ahmad et al. 2017), with NAB v1.1's own semantics.
 
-Per file, rows before the probationary length ``min(floor(0.15 n), 750)`` are ignored. A row inside
-a label window ``[s, e]`` (width ``w = e - s + 1``) is worth, if detected, ``A_TP · σ(-(e - i + 1)/w)
+Per file, rows before the probationary length ``min(floor(0.15 n), 750)`` are ignored. A label
+window spans the first row stamped with its start to the first row stamped with its end. A row
+inside a window ``[s, e]`` (width ``w = e - s + 1``) is worth, if detected, ``A_TP · σ(-(e - i + 1)/w)
 / σ(-1)`` where ``σ(x) = 2/(1 + exp(5x)) - 1`` is NAB's scaled sigmoid: the window's first row earns
 the full ``A_TP``, its last row almost nothing; only a window's best (earliest) detection counts and
 a window with none costs ``A_FN``. A detected row outside every window costs ``A_FP · σ((i - e)/(w -
@@ -79,8 +80,7 @@ def prepare_file(name: str, timestamps: pd.Series, scores: np.ndarray, windows: 
     weight = np.empty(rows)
     bounds = []
     for start, end in windows:
-        first = int(np.searchsorted(stamps, np.datetime64(pd.Timestamp(start)), side="left"))
-        last = int(np.searchsorted(stamps, np.datetime64(pd.Timestamp(end)), side="right")) - 1
+        first, last = _row_of(name, stamps, start), _row_of(name, stamps, end)
         if last >= first:
             bounds.append((first, last))
     bounds.sort()
@@ -101,6 +101,15 @@ def prepare_file(name: str, timestamps: pd.Series, scores: np.ndarray, windows: 
     renumber = {old: new for new, old in enumerate(scored_windows)}
     ids = np.array([renumber.get(w, -1) for w in window_id[scorable]], dtype=np.int64)
     return ScoredFile(name, np.asarray(scores, dtype=np.float64)[scorable], ids, weight[scorable], len(scored_windows))
+
+
+def _row_of(name: str, stamps: np.ndarray, boundary: str) -> int:
+    """The first row stamped ``boundary``, as NAB finds window limits. Not a search in sorted order:
+    some files' clocks step back (machine_temperature_system_failure repeats an hour)."""
+    matches = np.flatnonzero(stamps == np.datetime64(pd.Timestamp(boundary)))
+    if len(matches) == 0:
+        raise RtmlError(f"{name}: label window boundary {boundary} is not the timestamp of any row")
+    return int(matches[0])
 
 
 @dataclass(frozen=True)

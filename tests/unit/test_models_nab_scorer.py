@@ -1,5 +1,7 @@
 """The NAB scorer pinned on hand-made cases: 100 rows (probationary period 15 rows), one label
-window over rows 40..49 (width 10)."""
+window over rows 40..49 (width 10); and checked against NAB's own algorithm (numenta/NAB
+nab/sweeper.py: one row at a time, then a sweep of thresholds over the whole corpus) on random
+corpora."""
 
 import json
 import math
@@ -7,6 +9,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.nab.scorer import (
     PROFILES,
@@ -121,6 +125,87 @@ def test_ties_choose_the_highest_threshold():
     scores[41] = 0.5
     threshold, _ = optimise_threshold([prepare_file("a", STAMPS, scores, WINDOW)], STANDARD)
     assert threshold == 0.9
+
+
+def test_window_limits_are_the_first_rows_stamped_so_when_the_clock_steps_back():
+    # The clock steps back an hour at row 20 (machine_temperature_system_failure does this), so
+    # rows 21..30 carry the timestamps of rows 9..18 again; NAB takes the first rows stamped so.
+    stamps = pd.Series([t - pd.Timedelta(hours=1) if i >= 20 else t for i, t in enumerate(STAMPS)])
+    scored = prepare_file("f.csv", stamps, np.zeros(100), [[str(stamps[21]), str(stamps[30])]])
+    inside = np.flatnonzero(scored.window == 0) + probationary_length(100)
+    assert inside.tolist() == list(range(15, 19))  # rows 9..18, cut at the end of probation
+    assert scored.weight[scored.window == 0][0] == pytest.approx(nab_sigmoid(-(18 - 15 + 1) / 10) / nab_sigmoid(-1))
+
+
+def test_window_boundary_that_is_no_row_timestamp_is_named():
+    with pytest.raises(RtmlError, match="2030-01-01"):
+        prepare_file("f.csv", STAMPS, np.zeros(100), [[str(STAMPS[40]), "2030-01-01 00:00:00"]])
+
+
+def nab_sweep(files, profile):
+    """NAB v1.1's optimiser, written after its row-at-a-time description: each scorable row gets a
+    sweep score (window rows as true positives, others as false positives relative to the preceding
+    window), rows are taken in decreasing anomaly score, and the corpus score is recorded at each
+    distinct score (threshold 1.1: nothing detected). Returns the best (threshold, score), the
+    first (highest threshold) among ties. ``files`` holds (scores, [(first_row, last_row), ...])."""
+    rows = []
+    for number, (scores, windows) in enumerate(files):
+        probation = min(math.floor(0.15 * len(scores)), 0.15 * 5000)
+        current, previous = None, None
+        for i, score in enumerate(scores):
+            current = current or next((w for w in windows if w[0] == i), None)
+            if current is not None:
+                first, last = current
+                sweep = nab_sigmoid(-(last - i + 1) / (last - first + 1)) * profile.tp / nab_sigmoid(-1)
+            else:
+                position = 3.0 if previous is None else (i - previous[1]) / (previous[1] - previous[0])
+                sweep = (-1.0 if position >= 3 else nab_sigmoid(position)) * profile.fp
+            if i >= probation:
+                rows.append((score, sweep, None if current is None else (number, current)))
+            if current is not None and i == current[1]:
+                current, previous = None, current
+    parts = {"fp": 0.0} | {window: -profile.fn for _, _, window in rows if window is not None}
+    best = (1.1, sum(parts.values()))
+    rows.sort(key=lambda row: -row[0])
+    for position, (score, sweep, window) in enumerate(rows):
+        if window is None:
+            parts["fp"] += sweep
+        else:
+            parts[window] = max(parts[window], sweep)
+        if position + 1 == len(rows) or rows[position + 1][0] != score:
+            total = sum(parts.values())
+            if total > best[1] + 1e-9:
+                best = (score, total)
+    return best
+
+
+@st.composite
+def corpora(draw):
+    files = []
+    for _ in range(draw(st.integers(1, 3))):
+        length = draw(st.integers(20, 120))
+        windows, row = [], draw(st.integers(0, 30))
+        while row + 2 <= length and draw(st.booleans()):
+            last = min(length - 1, row + draw(st.integers(1, 15)))
+            windows.append((row, last))
+            row = last + 1 + draw(st.integers(0, 40))
+        scores = draw(st.lists(st.sampled_from([0.0, 0.2, 0.5, 0.7, 0.9, 1.0]), min_size=length, max_size=length))
+        files.append((scores, windows))
+    return files
+
+
+@settings(max_examples=200, deadline=None)
+@given(corpora(), st.sampled_from(PROFILES))
+def test_threshold_sweep_agrees_with_nab_row_by_row(files, profile):
+    scored = []
+    for number, (scores, windows) in enumerate(files):
+        stamps = pd.Series(pd.date_range("2024-01-01", periods=len(scores), freq="5min"))
+        limits = [[str(stamps[first]), str(stamps[last])] for first, last in windows]
+        scored.append(prepare_file(f"f{number}.csv", stamps, np.array(scores), limits))
+    threshold, raw = optimise_threshold(scored, profile)
+    expected_threshold, expected_raw = nab_sweep(files, profile)
+    assert raw == pytest.approx(expected_raw, abs=1e-9)
+    assert threshold == (expected_threshold if expected_threshold <= 1 else float("inf"))
 
 
 def write_results(directory, scores):
