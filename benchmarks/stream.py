@@ -139,8 +139,7 @@ def run_pipeline(settings: Settings, client, group: str, during=None) -> tuple[f
 
     pipeline = Pipeline(settings, client, group=group)
     try:
-        pipeline.start()
-        pipeline.consumer_pids()  # returns once every consumer is constructed and reading
+        pipeline.start()  # returns once every consumer is ready and reading
         ready = time.perf_counter()
         if during is not None:
             during()
@@ -187,6 +186,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
     import ray
 
     from streaming.cli import deploy_scoring
+    from streaming.scoring import warm_up
     from streaming.sources.kafka import ensure_topics, events_topic
 
     base = get_settings()
@@ -227,6 +227,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         client = deploy_scoring(settings)
+        warm_up(client, list(TENANTS), settings.models.window_length)
         console.print("(b) rtml, whole path")
         rtml_rate, _ = run_pipeline(throughput, client, throughput.kafka.consumer_group)
         predictions, distinct, _ = _predictions(lake, f"{bench_id}-t")

@@ -96,8 +96,9 @@ class StreamingSettings(BaseModel):
     replay_path: str = ""
     replay_partitions: int = 4
     replay_speed: float = 0.0  # 0 = as fast as possible; 1 = real time
-    # Scored batches a consumer may have waiting for their lakehouse write before it stops reading.
-    max_in_flight_batches: int = 8
+    # Events a consumer may have read but not yet written durably before it stops reading
+    # (back-pressure: a slow lakehouse or model slows the consumers instead of filling memory).
+    max_in_flight_events: int = 20_000
     # Per data type: "stream" (window and score now) or "batch" (only land in the events table).
     routes: dict[str, Literal["stream", "batch"]] = Field(
         default_factory=lambda: {"metric": "stream", "image": "stream", "record": "batch"}

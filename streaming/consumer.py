@@ -3,9 +3,9 @@
     poll -> route (DataRouter) -> windows and features (WindowState) -> score (EnsembleClient)
          -> hand rows to the LakehouseSink -> once durable: checkpoint, commit offsets
 
-Scoring is waited for, lakehouse writes are not: up to ``streaming.max_in_flight_batches`` scored
-batches may wait for durability while the consumer reads on; beyond that it stops reading until
-the oldest is written (back-pressure: a slow lakehouse or model slows the consumer, nothing piles
+Scoring is waited for, lakehouse writes are not: up to ``streaming.max_in_flight_events`` scored
+events may wait for durability while the consumer reads on; beyond that it stops reading until
+the oldest batch is written (back-pressure: a slow lakehouse or model slows the consumer, nothing piles
 up). Batches become durable in order, and only then are their partitions checkpointed.
 
 Failure: the actor is restarted by Ray (``max_restarts``) and its ``run`` resubmitted
@@ -20,7 +20,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,6 @@ class ConsumerSpec:
     index: int
     consumers: int
     replay_path: str = ""  # replay sources: the file
-    replay_started_at: float = 0.0  # replay sources: wall-clock start of the replay clock
 
 
 def open_source(spec: ConsumerSpec) -> Source:
@@ -69,7 +69,7 @@ def open_source(spec: ConsumerSpec) -> Source:
     from streaming.sources.replay import ReplaySource
 
     owned = list(range(spec.index, streaming.replay_partitions, spec.consumers))
-    return ReplaySource(spec.replay_path, streaming.replay_partitions, owned, streaming.replay_speed, spec.replay_started_at)
+    return ReplaySource(spec.replay_path, streaming.replay_partitions, owned, streaming.replay_speed)
 
 
 def storage_dir(configured: str, settings: Settings, name: str) -> str:
@@ -89,6 +89,7 @@ class _Pending:
     """A scored batch whose rows the sink is writing."""
 
     write: ray.ObjectRef
+    records: int  # read from the source
     positions: dict[int, int]  # read positions of the touched partitions after this batch
     state: dict[int, tuple[pa.Table, pa.Table]]  # their window state after this batch
     available_at: np.ndarray  # of the events it scored
@@ -106,6 +107,9 @@ class Counts:
     feature_windows: int = 0
     restarts_from_checkpoint: int = 0
     durable_latency_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    # Where the loop's time went: waiting for writes (settle), polling, routing and windowing,
+    # scoring, handing rows to the sink.
+    seconds: dict = field(default_factory=dict)
 
 
 class StreamConsumer:
@@ -140,18 +144,22 @@ class StreamConsumer:
 
     # the loop ------------------------------------------------------------------------------------
 
-    def run(self, until_end: bool = False) -> dict:
+    def run(self, until_end: bool = False, clock_start: float | None = None) -> dict:
         """Consume until ``stop``, until the targets given to ``finish_at`` are reached, or (with
         ``until_end``) until the partitions' current ends are; then flush the open windows, wait
-        for every write and checkpoint. Returns ``stats()``."""
+        for every write and checkpoint. ``clock_start`` starts a replay's clock. Returns ``stats()``."""
+        if clock_start is not None:
+            self._source.start_clock(clock_start)
         ends = self._source.end_offsets() if until_end else None
         while not self._stop.is_set():
             try:
-                self._settle(block=len(self._in_flight) >= self._streaming.max_in_flight_batches)
+                with self._timed("settle"):
+                    self._settle(block=self._in_flight_events >= self._streaming.max_in_flight_events)
                 if self._reached(self._targets or ends):
                     self._finish()
                     break
-                batch = self._source.poll(self._streaming.max_poll_records, self._streaming.poll_timeout_s)
+                with self._timed("poll"):
+                    batch = self._source.poll(self._streaming.max_poll_records, self._streaming.poll_timeout_s)
                 if len(batch):
                     self._process(batch)
             except _WriteFailed as failure:
@@ -196,6 +204,7 @@ class StreamConsumer:
             "landed": counts.landed,
             "feature_windows": counts.feature_windows,
             "restarts_from_checkpoint": counts.restarts_from_checkpoint,
+            "seconds": {stage: round(spent, 3) for stage, spent in dict(counts.seconds).items()},
             "event_to_durable_s": {q: float(np.percentile(latency, q)) for q in (50, 99)} if len(latency) else {},
             "dead_letter_location": self._dead_letters.location,
             "checkpoint_location": self._checkpoints.location,
@@ -216,6 +225,7 @@ class StreamConsumer:
         self._durable = dict(positions)
         self._read = dict(positions)
         self._in_flight: deque[_Pending] = deque()
+        self._in_flight_events = 0
         if positions:
             self._counts.restarts_from_checkpoint += 1
 
@@ -225,23 +235,27 @@ class StreamConsumer:
         return all(self._read.get(i, 0) >= end for i, end in targets.items())
 
     def _process(self, batch) -> None:
-        routed = self._router.route(batch, self._source.partitions)
-        metric_events = routed.metrics
-        windowed = self._state.process(
-            metric_events.keys, metric_events.event_time_us, metric_events.value, metric_events.partition, metric_events.subject
-        )
-        scored_events = metric_events.take(windowed.accepted)
-        requests = _window_batches(scored_events, windowed.model_windows, "metric") + _image_batches(routed)
-        predictions, refused = self._score(requests)
-        letters = sorted(_dead_letters(routed, self._source.partitions) + refused, key=lambda letter: (letter.partition, letter.offset))
-        if letters:
-            self._dead_letters.write(letters)
-        tables = {
-            "events": routed.landed.events_table(),
-            "features": feature_rows(windowed.closed, self._feature_set),
-            "predictions": pa.concat_tables(predictions) if predictions else None,
-        }
-        self._submit({name: rows for name, rows in tables.items() if rows is not None}, batch.next_positions(), scored_events.available_at)
+        with self._timed("window"):
+            routed = self._router.route(batch, self._source.partitions)
+            metric_events = routed.metrics
+            windowed = self._state.process(
+                metric_events.keys, metric_events.event_time_us, metric_events.value, metric_events.partition, metric_events.subject
+            )
+            scored_events = metric_events.take(windowed.accepted)
+            requests = _window_batches(scored_events, windowed.model_windows, "metric") + _image_batches(routed)
+        with self._timed("score"):
+            predictions, refused = self._score(requests)
+        with self._timed("hand_over"):
+            letters = sorted(_dead_letters(routed, self._source.partitions) + refused, key=lambda letter: (letter.partition, letter.offset))
+            if letters:
+                self._dead_letters.write(letters)
+            tables = {
+                "events": routed.landed.events_table(),
+                "features": feature_rows(windowed.closed, self._feature_set),
+                "predictions": pa.concat_tables(predictions) if predictions else None,
+            }
+            kept = {name: rows for name, rows in tables.items() if rows is not None}
+            self._submit(kept, len(batch), batch.next_positions(), scored_events.available_at)
         self._count(
             read=len(batch),
             scored=sum(table.num_rows for table in predictions),
@@ -284,11 +298,12 @@ class StreamConsumer:
                 refused.extend(_refused_letters(events, answer, self._source.partitions))
         return tables, refused
 
-    def _submit(self, tables: dict[str, pa.Table], positions: dict[int, int], available_at: np.ndarray) -> None:
+    def _submit(self, tables: dict[str, pa.Table], records: int, positions: dict[int, int], available_at: np.ndarray) -> None:
         self._read.update(positions)
         state = {partition: self._state.to_arrow(partition) for partition in positions}
         write = self._sink.write.remote(tables)
-        self._in_flight.append(_Pending(write, positions, state, available_at))
+        self._in_flight.append(_Pending(write, records, positions, state, available_at))
+        self._in_flight_events += records
 
     def _settle(self, block: bool) -> None:
         """Checkpoint behind every batch whose rows are durable, oldest first; with ``block``, wait
@@ -304,6 +319,7 @@ class StreamConsumer:
             except Exception as error:  # the sink's or the lakehouse's failure: nothing after it is durable either
                 raise _WriteFailed(str(error)) from error
             settled.append(self._in_flight.popleft())
+            self._in_flight_events -= settled[-1].records
         if settled:
             self._checkpoint(settled)
         self._export_lag()
@@ -328,7 +344,7 @@ class StreamConsumer:
         closed = self._state.flush()
         self._count(feature_windows=len(closed))
         touched = {i: self._read.get(i, 0) for i in range(len(self._source.partitions))}
-        self._submit({"features": feature_rows(closed, self._feature_set)}, touched, np.empty(0))
+        self._submit({"features": feature_rows(closed, self._feature_set)}, 0, touched, np.empty(0))
         while self._in_flight:
             self._settle(block=True)
         self._export_lag(force=True)
@@ -347,6 +363,16 @@ class StreamConsumer:
         for partition, end in ends.items():
             lag = max(0, end - self._durable.get(partition, 0))
             metrics.CONSUMER_LAG.labels(partition=self._source.partitions[partition], **self._labels).set(lag)
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        """Add the time spent in the block to ``stats()["seconds"][stage]``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = self._counts.seconds
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
 
     def _count(self, **amounts: int) -> None:
         """Add to this consumer's counts (``stats``) and to the exported metrics."""

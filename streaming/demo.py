@@ -36,7 +36,7 @@ from rtml.settings import Settings
 from streaming.data.generate import EVENTS_FILE, TRUTH_FILE
 from streaming.features import feature_set_version, window_spec
 from streaming.pipeline import Pipeline, Progress as PipelineProgress
-from streaming.scoring import EnsembleClient
+from streaming.scoring import EnsembleClient, warm_up
 from streaming.sources.replay import ReplaySource, read_records
 
 DEMO_KINDS = ("cnn", "rnn")
@@ -140,12 +140,13 @@ def train_models(lake, settings: Settings, truth: dict, directory: Path, report:
     return registered
 
 
-def _produce(settings: Settings, speed: float, started_at: float, done: threading.Event, failure: list) -> None:
+def _produce(settings: Settings, speed: float, clock_start: float, done: threading.Event, failure: list) -> None:
     """Replay the bundled file into Kafka at the demo's pace (a thread)."""
     from streaming.sources.kafka import EventProducer
 
     try:
-        source = ReplaySource(EVENTS_FILE, 1, [0], speed, started_at)
+        source = ReplaySource(EVENTS_FILE, 1, [0], speed)
+        source.start_clock(clock_start)
         producer = EventProducer(settings.kafka)
         while source.remaining:
             for payload in source.poll(10_000, 0.05).payloads:
@@ -189,25 +190,23 @@ def run_demo(
     try:
         with console.status("starting the Serve app (ingress, router, one scorer deployment per model kind)"):
             client = start_scoring(demo)
+            warm_up(client, sorted({model.tenant for model in models}), demo.models.window_length)
         return _replay(demo, client, console, truth, models, kafka, speed, lake)
     finally:
         ray.shutdown()
 
 
 def _replay(demo: Settings, client, console: Console, truth: dict, models, kafka: bool, speed: float, lake) -> DemoResult:
-    started_at = time.time()
-    pipeline = Pipeline(demo, client, group=demo.kafka.consumer_group if kafka else "demo", replay_path=str(EVENTS_FILE), replay_started_at=started_at)
+    pipeline = Pipeline(demo, client, group=demo.kafka.consumer_group if kafka else "demo", replay_path=str(EVENTS_FILE))
     produced, failure = threading.Event(), []
-    if kafka:
-        from streaming.sources.kafka import log_end_offsets
-
-        threading.Thread(target=_produce, args=(demo, speed, started_at, produced, failure), daemon=True).start()
-        # The consumers need the topics' partitions to exist before they start.
-        time.sleep(1.0)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("events durable in the lakehouse", total=truth["events"])
         pipeline.start(until_end=not kafka)
+        if kafka:
+            from streaming.sources.kafka import log_end_offsets
+
+            threading.Thread(target=_produce, args=(demo, speed, pipeline.clock_start, produced, failure), daemon=True).start()
 
         def on_progress(progress: PipelineProgress) -> None:
             bar.update(task, completed=progress.durable)
@@ -220,7 +219,7 @@ def _replay(demo: Settings, client, console: Console, truth: dict, models, kafka
             stats = pipeline.wait(on_progress)
         finally:
             pipeline.shutdown()
-    return summarize(lake, demo, truth, stats, models, time.time() - started_at)
+    return summarize(lake, demo, truth, stats, models, time.time() - pipeline.clock_start)
 
 
 def summarize(lake, settings: Settings, truth: dict, stats: list[dict], models, elapsed_s: float) -> DemoResult:

@@ -43,29 +43,32 @@ class Pipeline:
         client: EnsembleClient,
         group: str,
         replay_path: str = "",
-        replay_started_at: float | None = None,
     ):
         if settings.streaming.source == "replay" and not replay_path:
             raise RtmlError("a replay pipeline needs the file to replay (streaming.replay_path)")
         self.settings = settings
         self.group = group
-        started = replay_started_at if replay_started_at is not None else time.time()
         count = settings.streaming.consumers
         if count < 1:
             raise RtmlError("streaming.consumers must be at least 1")
-        self.specs = [ConsumerSpec(settings, group, i, count, replay_path, started) for i in range(count)]
+        self.specs = [ConsumerSpec(settings, group, i, count, replay_path) for i in range(count)]
         self._client = client
         self.sink = None
         self.consumers: list = []
         self._runs: list = []
         self._targets: dict[str, int] | None = None
+        self.clock_start = 0.0
 
     def start(self, until_end: bool = False) -> None:
+        """Start the actors; returns once every consumer is ready and reading. A replay's clock
+        starts then (``clock_start``), so that start-up time does not count as event latency."""
         restartable = {"max_restarts": -1, "max_task_retries": -1}
         self.sink = ray.remote(LakehouseSink).options(num_cpus=SINK_CPUS, **restartable).remote(self.settings)
         consumer = ray.remote(StreamConsumer).options(num_cpus=CONSUMER_CPUS, max_concurrency=4, **restartable)
         self.consumers = [consumer.remote(spec, self._client, self.sink) for spec in self.specs]
-        self._runs = [c.run.remote(until_end) for c in self.consumers]
+        self.consumer_pids()
+        self.clock_start = time.time()
+        self._runs = [c.run.remote(until_end, self.clock_start) for c in self.consumers]
 
     def finish_at(self, targets: dict[str, int]) -> None:
         """Let every consumer finish once its partitions are read up to ``targets`` (name -> offset)."""

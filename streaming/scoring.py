@@ -9,12 +9,14 @@ commit its offsets once they are durable.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
+from rtml.errors import RtmlError
 from streaming.windowing import MICROS
 
 
@@ -62,6 +64,22 @@ class EnsembleClient(Protocol):
     def score(self, batches: list[WindowBatch]) -> list[ScoredWindows | Refusal]:
         """Score every batch; each gets its scores or a refusal. Raises when the service cannot be
         reached (the consumer retries)."""
+
+
+def warm_up(client: EnsembleClient, tenants: list[str], window_length: int, timeout_s: float = 120.0) -> None:
+    """Score one window per tenant, so that the models are loaded before the stream's first events
+    arrive (a scorer replica loads a version on its first call), and fail early if a tenant cannot
+    be scored at all."""
+    deadline = time.monotonic() + timeout_s
+    for tenant in tenants:
+        probe = WindowBatch(tenant, "metric", np.zeros((1, window_length), np.float32), ["warm-up"], ["warm-up"], np.zeros(1, np.int64), [None], np.zeros(1))
+        while True:
+            (answer,) = client.score([probe])
+            if isinstance(answer, ScoredWindows):
+                break
+            if answer.permanent or time.monotonic() > deadline:
+                raise RtmlError(f"tenant {tenant!r} cannot be scored: {answer.reason}")
+            time.sleep(answer.retry_after_s or 0.5)
 
 
 def prediction_table(batch: WindowBatch, scored: ScoredWindows, scored_at: float) -> pa.Table:

@@ -35,12 +35,14 @@ TRAINING_HOURS = 1.5
 ANOMALIES_PER_SENSOR = 3
 # Late arrivals: readings moved this many steps later in the file (the demo allows 30 s of lateness).
 LATE_STEPS = (1, 2, 2, 9, 12)
+# Inserted mid-file; each takes the time of the reading it is inserted before, unless its time is
+# what is wrong with it.
 MALFORMED = (
-    {"tenant": "acme", "entity": "pump-1", "event_time": "2024-06-01T03:00:00Z", "value": "n/a"},
-    {"tenant": "acme", "entity": "", "event_time": "2024-06-01T03:10:00Z", "value": "51.0"},
+    {"tenant": "acme", "entity": "pump-1", "value": "n/a"},
+    {"tenant": "acme", "entity": "", "value": "51.0"},
     {"tenant": "acme", "entity": "pump-2", "event_time": "yesterday", "value": "49.5"},
-    {"tenant": "globex corp", "entity": "turbine-1", "event_time": "2024-06-01T04:00:00Z", "value": "2.1"},
-    {"tenant": "globex", "entity": "turbine-3", "event_time": "2024-06-01T04:30:00Z", "value": "inf"},
+    {"tenant": "globex corp", "entity": "turbine-1", "value": "2.1"},
+    {"tenant": "globex", "entity": "turbine-3", "value": "inf"},
 )
 
 
@@ -137,7 +139,8 @@ def generate() -> dict:
         records.insert(int(position) + steps * len(SENSORS), records.pop(int(position)))
     late = _late_arrivals(records)
     for i, bad in enumerate(MALFORMED):
-        records.insert(len(records) // 2 + 500 * i, dict(bad))
+        position = len(records) // 2 + 500 * i
+        records.insert(position, {"event_time": records[position]["event_time"], **bad})
 
     with EVENTS_FILE.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["event_id", "tenant", "entity", "event_time", "value"])

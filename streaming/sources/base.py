@@ -61,6 +61,9 @@ class Source(ABC):
     def end_offsets(self) -> dict[int, int]:
         """Per partition, the offset the next appended record will get (for lag and for "done")."""
 
+    def start_clock(self, at: float) -> None:
+        """Replays: start the replay clock at wall-clock time ``at``. A live log has no clock."""
+
     def commit(self, positions: Mapping[int, int]) -> None:
         """Publish the consumer's progress to the log (Kafka consumer-group offsets); the
         checkpoint store stays the record a restarted consumer resumes from."""

@@ -6,9 +6,9 @@ its partition. Every consumer reads the file and keeps the partitions it owns.
 
 Pacing: a record becomes available when the replay clock reaches the largest event time seen in
 the file up to it (a late record is replayed where it sits in the file, as a late arrival). The
-replay clock runs ``speed`` times faster than real time from ``started_at`` (wall-clock seconds,
-shared by all consumers and kept across restarts, so a restarted consumer catches up instead of
-starting over); ``speed = 0`` replays as fast as the consumer reads.
+replay clock runs ``speed`` times faster than real time from ``start_clock(at)`` (wall-clock
+seconds, the same for all consumers of a replay and kept across restarts, so that a restarted
+consumer catches up instead of starting over); ``speed = 0`` replays as fast as the consumer reads.
 """
 
 from __future__ import annotations
@@ -60,12 +60,11 @@ class ReplaySource(Source):
         partitions: int,
         owned: list[int],
         speed: float,
-        started_at: float,
     ):
         self.path = Path(path)
         self.partitions = [f"{self.path.name}:{p}" for p in owned]
         self.speed = speed
-        self.started_at = started_at
+        self.started_at = time.time()
         records = read_records(self.path)
         fields = [r if isinstance(r, Mapping) else {} for r in records]
         keys = [f"{f.get('tenant')}/{f.get('entity')}" for f in fields]
@@ -85,7 +84,8 @@ class ReplaySource(Source):
         self._records = [records[i] for i in rows]
         self._partition = np.array([position_of[int(p)] for p in partition[rows]], dtype=np.int32)
         self._offset = offset[rows]
-        self._due = self.started_at + (clock[rows] - self._first_time) / 1e6 / speed if speed > 0 else np.zeros(len(rows))
+        # Seconds after the clock's start at which each record is due.
+        self._due_after = (clock[rows] - self._first_time) / 1e6 / speed if speed > 0 else np.zeros(len(rows))
         self._ends = {i: int((self._partition == i).sum()) for i in range(len(owned))}
         self._queue = np.arange(len(rows))
         self._cursor = 0
@@ -95,20 +95,22 @@ class ReplaySource(Source):
         self._queue = np.flatnonzero(self._offset >= start[self._partition])
         self._cursor = 0
 
+    def start_clock(self, at: float) -> None:
+        self.started_at = at
+
     def poll(self, max_records: int, timeout_s: float) -> SourceBatch:
-        remaining = len(self._queue) - self._cursor
-        if remaining == 0:
+        if self.remaining == 0:
             return SourceBatch.empty()
-        now = time.time()
-        next_due = self._due[self._queue[self._cursor]]
+        now = time.time() - self.started_at
+        next_due = self._due_after[self._queue[self._cursor]]
         if next_due > now:
             time.sleep(min(timeout_s, next_due - now))
-            now = time.time()
-        due = self._due[self._queue[self._cursor :]]
+            now = time.time() - self.started_at
+        due = self._due_after[self._queue[self._cursor :]]
         ready = min(max_records, int(np.searchsorted(due, now, side="right")))
         rows = self._queue[self._cursor : self._cursor + ready]
         self._cursor += ready
-        available = self._due[rows] if self.speed > 0 else np.full(len(rows), now)
+        available = self.started_at + (self._due_after[rows] if self.speed > 0 else np.full(len(rows), now))
         return SourceBatch(
             payloads=[self._records[i] for i in rows],
             partitions=self._partition[rows],

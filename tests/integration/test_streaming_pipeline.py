@@ -49,7 +49,17 @@ def stack(ray_cluster, tmp_path_factory):
         home=home,
         models={"window_length": WINDOW_LENGTH},
         serving={"app_name": "rtml-streaming-tests", "persist_predictions": False, "model_kinds": ("cnn",), "http_port": _free_port()},
-        streaming={"consumers": 2, "max_poll_records": 150, "window_seconds": 60, "slide_seconds": 30, "allowed_lateness_seconds": 20},
+        # Small batches, frequent commits and a short leash: the replays become durable in many
+        # small steps, so that a disturbance lands mid-way.
+        streaming={
+            "consumers": 2,
+            "max_poll_records": 150,
+            "max_in_flight_events": 300,
+            "window_seconds": 60,
+            "slide_seconds": 30,
+            "allowed_lateness_seconds": 20,
+        },
+        lakehouse={"writer_flush_seconds": 0.2},
     )
     settings = settings.model_copy(update={"home": settings.home_dir})
     lake = Lakehouse.open(settings)
@@ -246,8 +256,8 @@ def test_the_file_replay_survives_a_killed_consumer_and_keeps_late_and_bad_recor
 
 
 def test_a_consumer_stops_reading_while_the_lakehouse_is_behind(stack, tmp_path):
-    """Back-pressure: with slow lakehouse commits, a consumer never holds more than
-    ``max_in_flight_batches`` batches that are read but not yet durable."""
+    """Back-pressure: with slow lakehouse commits, a consumer never holds much more than
+    ``max_in_flight_events`` events that are read but not yet durable."""
     import ray
 
     from streaming.pipeline import Pipeline
@@ -257,12 +267,12 @@ def test_a_consumer_stops_reading_while_the_lakehouse_is_behind(stack, tmp_path)
     events = _events(run)[:2000]
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(orjson.dumps(e) for e in events) + b"\n")
-    in_flight, per_poll = 2, 100
+    in_flight, per_poll = 200, 100
     settings = settings.model_copy(
         update={
             "lakehouse": settings.lakehouse.model_copy(update={"writer_flush_seconds": 0.5, "writer_batch_rows": 100_000}),
             "streaming": settings.streaming.model_copy(
-                update={"source": "replay", "replay_speed": 0.0, "consumers": 1, "max_in_flight_batches": in_flight, "max_poll_records": per_poll}
+                update={"source": "replay", "replay_speed": 0.0, "consumers": 1, "max_in_flight_events": in_flight, "max_poll_records": per_poll}
             ),
         }
     )
@@ -279,7 +289,8 @@ def test_a_consumer_stops_reading_while_the_lakehouse_is_behind(stack, tmp_path)
     finally:
         pipeline.shutdown()
 
-    # One more batch may be read between the two counters being looked at.
-    assert max(ahead) <= (in_flight + 1) * per_poll
+    # It stops reading once the limit is reached, so it can be one batch past it; and one more
+    # batch may be read between the two counters being looked at.
+    assert max(ahead) <= in_flight + 2 * per_poll
     assert max(ahead) > per_poll, "the consumer never ran ahead of the lakehouse, so nothing was tested"
     _assert_exactly_one_prediction_per_event(lake, run, events)

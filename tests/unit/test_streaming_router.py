@@ -105,7 +105,7 @@ def test_replay_partitions_positions_and_pace(tmp_path):
     path = tmp_path / "events.jsonl"
     lines = [orjson.dumps(_event(entity=f"e{i % 5}", event_time=1000.0 + i, value=float(i))) for i in range(50)]
     path.write_bytes(b"\n".join(lines[:20] + [b"garbage"] + lines[20:]) + b"\n")
-    both = [ReplaySource(path, 3, [p], speed=0, started_at=time.time()) for p in range(3)]
+    both = [ReplaySource(path, 3, [p], speed=0) for p in range(3)]
     batches = [source.poll(1000, 0.01) for source in both]
     assert sum(len(b) for b in batches) == 51
     for p, batch in enumerate(batches):
@@ -116,7 +116,8 @@ def test_replay_partitions_positions_and_pace(tmp_path):
     source.seek({0: 4})
     assert source.poll(1000, 0.01).offsets[0] == 4
     # 10 seconds of event time at speed 20: half a second of wall time.
-    paced = ReplaySource(path, 1, [0], speed=20, started_at=time.time())
+    paced = ReplaySource(path, 1, [0], speed=20)
+    paced.start_clock(time.time())
     first = paced.poll(1000, 0.01)
     assert 0 < len(first) < 51
     assert (first.available_at <= time.time()).all()
