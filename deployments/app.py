@@ -26,7 +26,8 @@ import ray
 from pydantic import BaseModel, Field
 from ray import serve
 from ray._common.utils import import_attr
-from ray.serve.config import BackpressureConfig, LoggingConfig
+from ray.serve.config import BackpressureConfig
+from ray.serve.schema import LoggingConfig
 
 from deployments.ingress import Ingress
 from deployments.router import ModelRouter, RouterConfig

@@ -17,8 +17,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -42,7 +45,7 @@ def app_config(settings: Settings, router: RouterConfig | None = None, agent_gra
     args = AppArgs(settings=settings.model_dump(mode="json"), agent_graph=agent_graph)
     return {
         "name": settings.serving.app_name,
-        "route_prefix": "/",
+        "route_prefix": settings.serving.route_prefix,
         "import_path": IMPORT_PATH,
         "args": args.model_dump(exclude_none=True),
         "deployments": [{"name": ROUTER, "user_config": (router or RouterConfig()).model_dump()}],
@@ -65,6 +68,13 @@ def start_serve(settings: Settings) -> None:
             "request_timeout_s": serving.request_timeout_s + PROXY_TIMEOUT_MARGIN_S,
         }
     )
+
+
+def http_address() -> str:
+    """Where the running Serve instance listens for HTTP (it keeps the options it first started with)."""
+    options = _client().get_serve_details().get("http_options") or {}
+    host = options.get("host") or "127.0.0.1"
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{options.get('port', 8000)}"
 
 
 def deploy(settings: Settings, router: RouterConfig | None = None, agent_graph: str | None = None, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
@@ -146,39 +156,57 @@ def set_rollout(settings: Settings, model: str, mode: str | None, fraction: floa
 # a local cluster for `rtml up` ------------------------------------------------------------------
 
 
-def cluster_environment(settings: Settings) -> dict[str, str]:
-    """Serve's throughput options the cluster's processes must start with (see RESULTS.md)."""
+def running_apps() -> dict[str, tuple[str, str]]:
+    """Every Serve app on the cluster: name -> (status, route prefix)."""
+    applications = _client().get_serve_details().get("applications", {})
+    return {name: (str(app.get("status")), app.get("route_prefix") or "") for name, app in applications.items()}
+
+
+@dataclass
+class LocalCluster:
+    started: bool  # False: a Ray cluster was already running and is used as it is
+    dashboard_url: str
+    notes: list[str]
+
+
+def cluster_environment(settings: Settings, notes: list[str]) -> dict[str, str]:
+    """Serve's throughput options for the processes of a cluster this module starts (measured in
+    benchmarks/RESULTS.md); HAProxy only where its binary is there or can be installed."""
     env = {}
     if settings.serving.throughput_optimized:
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     if settings.serving.haproxy:
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        problem = ensure_haproxy()
+        if problem:
+            notes.append(f"Serve's HAProxy ingress is off: {problem}")
+        else:
+            env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     return env
 
 
-def ensure_haproxy() -> None:
-    """Serve's HAProxy ingress needs a haproxy binary; Debian has one."""
+def ensure_haproxy() -> str | None:
+    """Install Debian's haproxy when it is missing and we may; why not, if it cannot be had."""
     if shutil.which("haproxy"):
-        return
-    if os.geteuid() != 0:
-        raise RtmlError("serving.haproxy is on but haproxy is not installed: `sudo apt-get install -y haproxy`, or turn it off")
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "haproxy is not installed (`sudo apt-get install -y haproxy`, or RTML_SERVING__HAPROXY=false)"
     for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "haproxy"]):
         if subprocess.run(command, capture_output=True, text=True).returncode != 0:
-            raise RtmlError(f"`{' '.join(command)}` failed; install haproxy yourself or set RTML_SERVING__HAPROXY=false")
+            return f"`{' '.join(command)}` failed"
+    return None
 
 
-def connect_or_start_cluster(settings: Settings) -> bool:
-    """Connect to the local Ray cluster, starting one (``ray start --head``) if none runs; True if
-    this call started it."""
+def connect_or_start_cluster(settings: Settings) -> LocalCluster:
+    """Connect to the local Ray cluster, starting one (``ray start --head``) if none runs."""
+    notes: list[str] = []
     try:
-        ray.init(address="auto", namespace="serve", log_to_driver=False)
-        return False
+        context = ray.init(address="auto", namespace="serve", log_to_driver=False)
+        notes.append("a Ray cluster was already running: it keeps the Serve options it was started with")
+        return LocalCluster(False, context.dashboard_url, notes)
     except ConnectionError:
         pass
-    if settings.serving.haproxy:
-        ensure_haproxy()
     command = [
-        "ray",
+        str(Path(sys.executable).with_name("ray")),
         "start",
         "--head",
         "--include-dashboard=true",
@@ -186,8 +214,9 @@ def connect_or_start_cluster(settings: Settings) -> bool:
         f"--dashboard-port={settings.serving.dashboard_port}",
         "--disable-usage-stats",
     ]
-    started = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **cluster_environment(settings)})
+    environment = {**os.environ, **cluster_environment(settings, notes)}
+    started = subprocess.run(command, capture_output=True, text=True, env=environment)
     if started.returncode != 0:
         raise RtmlError(f"`ray start --head` failed:\n{started.stderr.strip() or started.stdout.strip()}")
-    ray.init(address="auto", namespace="serve", log_to_driver=False)
-    return True
+    context = ray.init(address="auto", namespace="serve", log_to_driver=False)
+    return LocalCluster(True, context.dashboard_url, notes)

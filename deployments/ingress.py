@@ -42,7 +42,11 @@ class Ingress:
         self._score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
+        path = request.url.path
+        root = request.scope.get("root_path", "")  # the app's route prefix
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        path = path.rstrip("/") or "/"
         if path == PREDICT:
             return await self._predict(request) if request.method == "POST" else _refusal(Rejection(405, f"use POST {PREDICT}"))
         if path == HEALTHZ:

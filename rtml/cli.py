@@ -13,11 +13,12 @@ import typer
 from rich.console import Console
 
 from cluster.cli import app as services_app
+from deployments.cli import up
 from lakehouse.cli import app as lakehouse_app
 from lakehouse.cli import erase
 from models.cli import nab_app
 from models.cli import train as train_command
-from rtml.errors import NotImplementedYet, RtmlError
+from rtml.errors import RtmlError
 from streaming.cli import demo
 
 app = typer.Typer(
@@ -37,18 +38,21 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(lakehouse_app, name="lakehouse")
 app.command()(erase)
 app.command()(demo)
-
-
-@app.command()
-def up() -> None:
-    """Start a local Ray cluster and the Serve app on embedded defaults; print the URLs."""
-    raise NotImplementedYet("up", "serving")
+app.command()(up)
 
 
 @bench_app.command("serve")
-def bench_serve() -> None:
+def bench_serve(
+    seconds: float = typer.Option(15.0, help="Measured seconds per point (after a warm-up)."),
+    concurrency: list[int] = typer.Option([1, 16, 64], help="Concurrent HTTP clients (repeat the option)."),
+    ray_env: list[str] = typer.Option(["default", "throughput", "haproxy"], help="Ray Serve configurations to run (b) and (c) under."),
+    binary_windows: int = typer.Option(1024, help="Windows per .npy request for rtml's binary form (0: skip)."),
+    write: bool = typer.Option(False, "--write", help="Write the table into benchmarks/RESULTS.md."),
+) -> None:
     """Raw torch vs a stock Ray Serve app vs rtml, at concurrency 1, 16 and 64."""
-    raise NotImplementedYet("bench serve", "serving")
+    from benchmarks.serve import main as serve_benchmark
+
+    serve_benchmark(seconds, concurrency, ray_env, binary_windows, write, Console())
 
 
 @bench_app.command("stream")

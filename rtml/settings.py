@@ -124,6 +124,7 @@ class ServingSettings(BaseModel):
     """The Ray Serve app (``deployments``): sizes, batching, back-pressure and ensemble learning."""
 
     app_name: str = "rtml"
+    route_prefix: str = "/"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     dashboard_port: int = 8265

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (`rtml bench ...`); figures go to benchmarks/RESULTS.md."""
