@@ -110,6 +110,17 @@ def _produce(settings: Settings, events: list[dict]) -> None:
     producer.close()
 
 
+@pytest.fixture
+def produced(stack, kafka_bootstrap):
+    """A fresh topic, consumer group and dead-letter topic, holding a fresh set of events."""
+    settings, client, lake = stack
+    run = f"rtml-test-{uuid.uuid4().hex[:8]}"
+    settings = _run_settings(settings, run)
+    events = _events(run)
+    _produce(settings, events)
+    return settings, client, lake, run, events
+
+
 def _replay(settings: Settings, client, disturb=None, disturb_at: float = 0.3) -> tuple[list[dict], dict]:
     """Consume the run's topic to its end, calling ``disturb(pipeline)`` once ``disturb_at`` of it is
     durable; returns the consumers' stats and the progress seen when disturbed."""
@@ -157,12 +168,8 @@ def _dead_letters(settings: Settings) -> list[tuple[bytes, dict]]:
 
 
 @pytest.mark.services
-def test_a_consumer_killed_mid_replay_resumes_without_loss_or_duplicates(stack, kafka_bootstrap):
-    settings, client, lake = stack
-    run = f"rtml-test-{uuid.uuid4().hex[:8]}"
-    settings = _run_settings(settings, run)
-    events = _events(run)
-    _produce(settings, events)
+def test_a_consumer_killed_mid_replay_resumes_without_loss_or_duplicates(produced):
+    settings, client, lake, run, events = produced
 
     def kill_first_consumer(pipeline) -> None:
         os.kill(pipeline.consumer_pids()[0], signal.SIGKILL)
@@ -183,14 +190,10 @@ def test_a_consumer_killed_mid_replay_resumes_without_loss_or_duplicates(stack, 
 
 
 @pytest.mark.services
-def test_a_broker_restart_mid_replay_loses_and_duplicates_nothing(stack, kafka_bootstrap):
+def test_a_broker_restart_mid_replay_loses_and_duplicates_nothing(produced):
     from cluster import services
 
-    settings, client, lake = stack
-    run = f"rtml-test-{uuid.uuid4().hex[:8]}"
-    settings = _run_settings(settings, run)
-    events = _events(run)
-    _produce(settings, events)
+    settings, client, lake, run, events = produced
 
     stats, seen = _replay(settings, client, lambda pipeline: services.get("kafka").restart())
 
@@ -200,14 +203,10 @@ def test_a_broker_restart_mid_replay_loses_and_duplicates_nothing(stack, kafka_b
 
 
 @pytest.mark.services
-def test_a_model_replica_killed_mid_replay_loses_and_duplicates_nothing(stack, kafka_bootstrap):
+def test_a_model_replica_killed_mid_replay_loses_and_duplicates_nothing(produced):
     import psutil
 
-    settings, client, lake = stack
-    run = f"rtml-test-{uuid.uuid4().hex[:8]}"
-    settings = _run_settings(settings, run)
-    events = _events(run)
-    _produce(settings, events)
+    settings, client, lake, run, events = produced
     replica = f"ServeReplica:{settings.serving.app_name}:ModelScorer_cnn"
 
     def kill_model_replica(pipeline) -> None:
