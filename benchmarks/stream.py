@@ -57,6 +57,9 @@ class Figures:
     durable_p99_ms: float
     consumers: int
     machine: str
+    ensemble_windows_per_s: float  # the models' forward alone, in-process
+    throughput_seconds: dict  # where the consumers' time went in (b), summed over consumers
+    latency_seconds: dict  # the same in (c)
 
     @property
     def ratio(self) -> float:
@@ -229,7 +232,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
         client = deploy_scoring(settings)
         warm_up(client, list(TENANTS), settings.models.window_length)
         console.print("(b) rtml, whole path")
-        rtml_rate, _ = run_pipeline(throughput, client, throughput.kafka.consumer_group)
+        rtml_rate, throughput_stats = run_pipeline(throughput, client, throughput.kafka.consumer_group)
         predictions, distinct, _ = _predictions(lake, f"{bench_id}-t")
         console.print(f"(c) rtml at {rate:g} events/s offered for {seconds:g} s")
         offered = for_run("latency")
@@ -239,6 +242,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
     finally:
         ray.shutdown()
     durable = [s["event_to_durable_s"] for s in stats if s["event_to_durable_s"]]
+    ensemble_rate = measure_ensemble(lake, settings.models.window_length, settings.streaming.max_poll_records)
     return Figures(
         events=events,
         raw_decode_events_per_s=raw_decode,
@@ -255,7 +259,37 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
         durable_p99_ms=1000 * max(d[99] for d in durable),
         consumers=consumers,
         machine=host,
+        ensemble_windows_per_s=ensemble_rate,
+        throughput_seconds=_stage_seconds(throughput_stats),
+        latency_seconds=_stage_seconds(stats),
     )
+
+
+def _stage_seconds(stats: list[dict]) -> dict:
+    stages: dict[str, float] = {}
+    for consumer in stats:
+        for stage, spent in consumer["seconds"].items():
+            stages[stage] = round(stages.get(stage, 0.0) + spent, 1)
+    return stages
+
+
+def measure_ensemble(lake, window_length: int, batch: int, rounds: int = 10) -> float:
+    """Windows/s of one tenant's ensemble forward, in this process (one torch thread, no serving):
+    the ceiling the models alone put on (b)."""
+    import torch
+
+    from models.scoring import load_scorer
+
+    torch.set_num_threads(1)
+    scorers = [load_scorer(model.artifact_uri) for model in lake.registry.active(TENANTS[0])]
+    windows = np.random.default_rng(0).normal(size=(batch, window_length)).astype(np.float32)
+    for scorer in scorers:
+        scorer.score(windows)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for scorer in scorers:
+            scorer.score(windows)
+    return rounds * batch / (time.perf_counter() - started)
 
 
 def report(figures: Figures, command: str) -> str:
@@ -284,7 +318,14 @@ At a fixed offered rate of {f.offered_rate:,.0f} events/s ({f.offered_events:,} 
 | event -> durable in Iceberg (worst consumer) | {f.durable_p50_ms:,.0f} ms | {f.durable_p99_ms:,.0f} ms |
 
 Target: p99 event -> prediction at most 250 ms at 2,000 events/s offered.
+
+For scale: the ensemble's forward alone (RNN + CNN, the bench's models, in one process, one torch thread, batches of the consumers' poll size) scores {f.ensemble_windows_per_s:,.0f} windows/s.
+Where the consumers' time went (seconds, summed over consumers): (b) {_stages(f.throughput_seconds)}; (c) {_stages(f.latency_seconds)}.
 """
+
+
+def _stages(seconds: dict) -> str:
+    return ", ".join(f"{stage} {spent:g}" for stage, spent in seconds.items())
 
 
 def write_section(text: str) -> None:
