@@ -1,2 +1,17 @@
 """Streaming: events from Kafka or the file replay source, through windowing and features, scored by
-the ModelRouter and written to the lakehouse (see ``streaming.pipeline`` for the whole path)."""
+the ModelRouter and written to the lakehouse, effectively once.
+
+Public face:
+
+- ``streaming.pipeline.Pipeline``: N consumer actors over one source plus one lakehouse sink actor
+  (``start``, ``wait``, ``finish_at``, ``progress``, ``shutdown``);
+- ``streaming.scoring``: what the stream asks of the scoring service (``EnsembleClient``,
+  ``WindowBatch`` -> ``ScoredWindows`` | ``Refusal``), implemented over the ModelRouter by
+  ``deployments.stream_client``;
+- ``streaming.demo`` / ``streaming.cli``: ``rtml demo``.
+
+Inside: ``router`` (DataRouter: validation, paths per data type, dead letters), ``windowing``
+(vectorised per-key event-time windows and model input windows), ``features`` (the feature set and
+its rows), ``consumer`` (the loop one actor runs), ``checkpoints``, ``deadletters``, ``sink``, and
+``sources`` (``replay``, ``kafka``) behind ``sources.base.Source``.
+"""

@@ -31,6 +31,7 @@ def demo(
 ) -> None:
     """The main job: replay bundled sensor streams through the whole pipeline and summarise."""
     import json
+    import logging
 
     from streaming.data.generate import TRUTH_FILE
     from streaming.demo import print_summary, run_demo
@@ -40,6 +41,7 @@ def demo(
         settings = settings.model_copy(update={"streaming": settings.streaming.model_copy(update={"consumers": consumers})})
     if kafka:
         require_kafka(settings)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the progress bar and summary say what matters
     result = run_demo(settings, deploy_scoring, console, kafka=kafka, speed=speed)
     print_summary(result, json.loads(TRUTH_FILE.read_text()), console)
 

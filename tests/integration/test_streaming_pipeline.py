@@ -230,8 +230,9 @@ def test_the_file_replay_survives_a_killed_consumer_and_keeps_late_and_bad_recor
     events = _events(run)
     late_ok = {**events[-1], "event_id": f"{run}.late-ok", "event_time": (START + timedelta(seconds=5 * READINGS - 20)).isoformat()}
     too_late = {**events[-1], "event_id": f"{run}.too-late", "event_time": (START + timedelta(seconds=5 * READINGS - 100)).isoformat()}
+    no_model = {**events[-1], "event_id": f"{run}.no-model", "tenant": "initech"}  # a tenant without models
     path = tmp_path / "events.jsonl"
-    path.write_bytes(b"\n".join([*(orjson.dumps(e) for e in events), b"{oops", orjson.dumps(late_ok), orjson.dumps(too_late)]) + b"\n")
+    path.write_bytes(b"\n".join([*(orjson.dumps(e) for e in events), b"{oops", orjson.dumps(late_ok), orjson.dumps(too_late), orjson.dumps(no_model)]) + b"\n")
     settings = settings.model_copy(
         update={"streaming": settings.streaming.model_copy(update={"source": "replay", "replay_speed": 0.0, "dead_letter_dir": str(tmp_path / "dead")})}
     )
@@ -249,9 +250,11 @@ def test_the_file_replay_survives_a_killed_consumer_and_keeps_late_and_bad_recor
 
     _assert_exactly_one_prediction_per_event(lake, run, [*events, late_ok])
     assert sum(s["late"] for s in stats) >= 1 and sum(s["dropped"] for s in stats) >= 1
-    letters = FileDeadLetters(tmp_path / "dead" / run).read()
-    assert [letter["payload"] for letter in letters] == ["{oops"]
-    assert "not valid JSON" in letters[0]["reason"]
+    letters = {letter["payload"]: letter["reason"] for letter in FileDeadLetters(tmp_path / "dead" / run).read()}
+    assert len(letters) == 2
+    assert "not valid JSON" in letters["{oops"]
+    (unscored,) = [reason for payload, reason in letters.items() if no_model["event_id"] in payload]
+    assert "not scored (404)" in unscored and "initech" in unscored
 
 
 def test_a_consumer_stops_reading_while_the_lakehouse_is_behind(stack, tmp_path):
