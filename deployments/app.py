@@ -1,5 +1,6 @@
 """The Serve application: ``build_app(args)`` wires Ingress -> ModelRouter -> one ModelScorer
-deployment per model kind (and, later, the AgentGraph).
+deployment per model kind, the router's PredictionSink (lakehouse writes) and, later, the
+AgentGraph.
 
     serve run deployments.app:build_app                 # embedded defaults
     serve deploy deployments/serve_config.yaml          # the same, on a running cluster
@@ -32,11 +33,13 @@ from ray.serve.schema import LoggingConfig
 from deployments.ingress import Ingress
 from deployments.router import ModelRouter, RouterConfig
 from deployments.scorer import ModelScorer
+from deployments.sink import PredictionSink
 from rtml.settings import Settings
 
 IMPORT_PATH = "deployments.app:build_app"
 ROUTER = "ModelRouter"
 INGRESS = "Ingress"
+SINK = "PredictionSink"
 
 
 class AppArgs(BaseModel):
@@ -78,6 +81,9 @@ def build_app(args: AppArgs) -> serve.Application:
         ).bind(kind, serving)
         for kind in serving.model_kinds
     }
+    sink = PredictionSink.options(
+        name=SINK, num_replicas=1, ray_actor_options=cpu_only, logging_config=logging_config
+    ).bind(settings)
     agent_graph = import_attr(args.agent_graph).bind(settings) if args.agent_graph else None
     router = ModelRouter.options(
         name=ROUTER,
@@ -86,7 +92,7 @@ def build_app(args: AppArgs) -> serve.Application:
         max_ongoing_requests=serving.max_ongoing_requests,
         user_config=RouterConfig().model_dump(),
         logging_config=logging_config,
-    ).bind(settings, scorers, agent_graph)
+    ).bind(settings, scorers, sink, agent_graph)
     return Ingress.options(
         name=INGRESS,
         num_replicas=serving.ingress_replicas,

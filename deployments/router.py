@@ -16,6 +16,9 @@ Model health: a model whose call fails (after retrying a replica that died) or t
 out of every plan for ``serving.unhealthy_cooldown_s``; its tenants are scored by their other
 models meanwhile, and the response names the versions that were used.
 
+Predictions go to the ``PredictionSink`` deployment (the lakehouse writer, in its own process) without
+waiting, once per scored group.
+
 Feedback re-weights the ensemble (``deployments.ensemble.reweight``) and persists the weights in
 the registry before it returns, so a restart or a redeploy keeps them.
 
@@ -83,14 +86,15 @@ class ModelRouter:
         self,
         settings: Settings,
         scorers: dict[str, DeploymentHandle],
+        sink: DeploymentHandle,
         agent_graph: DeploymentHandle | None = None,
-        store: ServingStore | None = None,
     ):
         self._serving = settings.serving
         self._threshold = settings.models.anomaly_threshold
         self._scorers = scorers
+        self._sink = sink
         self._agent_graph = agent_graph
-        self._store = store or LakehouseStore(settings)
+        self._store: ServingStore = LakehouseStore(settings)
         self._config = RouterConfig()
         self._ensembles: dict[str, TenantEnsemble] = {}
         self._loaded_at = 0.0
@@ -102,7 +106,8 @@ class ModelRouter:
         self._draw = random.Random()
         self._pending: set[asyncio.Future] = set()
         self._score_batches.set_max_batch_size(batch_size(self._serving, ROUTER_CONCURRENT_BATCHES))
-        self._score_batches.set_batch_wait_timeout_s(self._serving.batch_wait_timeout_s)
+        # Requests arrive here already batched by the Ingress: take whatever is queued, never wait.
+        self._score_batches.set_batch_wait_timeout_s(0.0)
 
     async def reconfigure(self, config: dict) -> None:
         self._config = RouterConfig.model_validate(config)
@@ -254,7 +259,7 @@ class ModelRouter:
             rows = prediction_rows(requests[0].tenant, ids, batch, ensemble, is_anomaly, model_versions, details)
             if not all(request.persist for request in requests):
                 rows = rows.filter(np.repeat([request.persist for request in requests], [len(request) for request in requests]))
-            self._store.write_predictions(rows)
+            self._in_background(self._sink.write.remote(rows), "the prediction sink could not take a batch")
         if self._agent_graph is not None and is_anomaly.any():
             anomalies = [
                 Prediction(
@@ -272,15 +277,19 @@ class ModelRouter:
                 )
                 for index in np.flatnonzero(is_anomaly).tolist()
             ]
-            response = self._agent_graph.explain.remote(anomalies)
-            future = asyncio.ensure_future(awaited(response))
-            self._pending.add(future)
-            future.add_done_callback(self._explained)
+            self._in_background(self._agent_graph.explain.remote(anomalies), "the agent graph failed on a batch of anomalies")
 
-    def _explained(self, future: asyncio.Future) -> None:
-        self._pending.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("the agent graph failed on a batch of anomalies: %s", future.exception())
+    def _in_background(self, response, failure: str) -> None:
+        """Let a call run without waiting for it; log if it fails."""
+        future = asyncio.ensure_future(awaited(response))
+        self._pending.add(future)
+
+        def done(finished: asyncio.Future) -> None:
+            self._pending.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.error("%s: %s", failure, finished.exception())
+
+        future.add_done_callback(done)
 
     # registry --------------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ class ModelScorer:
         self._device = "cuda" if ray.get_gpu_ids() else "cpu"
         torch.set_num_threads(settings.torch_threads)
         self._score_batch.set_max_batch_size(batch_size(settings, SCORER_CONCURRENT_BATCHES))
-        self._score_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        # Calls arrive already batched by the router: take whatever is queued, never wait.
+        self._score_batch.set_batch_wait_timeout_s(0.0)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def _scorer(self, artifact_uri: str) -> WindowScorer:

@@ -141,7 +141,8 @@ class ServingSettings(BaseModel):
     # Torch threads per model replica (Serve replicas share the machine's cores).
     torch_threads: int = 1
     max_batch_size: int = 256
-    batch_wait_timeout_s: float = 0.005
+    # How long the Ingress waits to fill a batch of HTTP requests; later stages take what is queued.
+    batch_wait_timeout_s: float = 0.002
     max_ongoing_requests: int = 256
     max_queued_requests: int = 1024
     # Largest number of windows one predict request may carry.
@@ -160,9 +161,11 @@ class ServingSettings(BaseModel):
     persist_predictions: bool = True
     # Serve's per-request access log lines (errors are logged either way); off for throughput.
     access_log: bool = False
-    # Ray Serve's throughput options, set on the cluster `rtml up` starts (see benchmarks/RESULTS.md).
-    throughput_optimized: bool = False
-    haproxy: bool = False
+    # Ray Serve's throughput options for the cluster `rtml up` starts: direct gRPC between replicas,
+    # and HAProxy as the HTTP ingress (Debian's haproxy, installed when missing and root). Both
+    # more than doubled requests/s on 2 cores (benchmarks/RESULTS.md).
+    throughput_optimized: bool = True
+    haproxy: bool = True
 
 
 class RayTrainSettings(BaseModel):
