@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -114,7 +113,7 @@ class Counts:
 
 class StreamConsumer:
     """Run as a Ray actor with ``max_concurrency > 1``: ``run`` occupies one thread, ``stats``,
-    ``finish_at`` and ``stop`` answer from the others."""
+    ``progress`` and ``finish_at`` answer from the others."""
 
     def __init__(self, spec: ConsumerSpec, client: EnsembleClient, sink: ray.actor.ActorHandle):
         settings = spec.settings
@@ -132,7 +131,6 @@ class StreamConsumer:
         )
         self._dead_letters = open_dead_letters(spec)
         self._source = open_source(spec)
-        self._stop = threading.Event()
         self._targets: dict[int, int] | None = None
         self._counts = Counts()
         self._lag_checked = 0.0
@@ -145,13 +143,13 @@ class StreamConsumer:
     # the loop ------------------------------------------------------------------------------------
 
     def run(self, until_end: bool = False, clock_start: float | None = None) -> dict:
-        """Consume until ``stop``, until the targets given to ``finish_at`` are reached, or (with
+        """Consume until the targets given to ``finish_at`` are reached, or (with
         ``until_end``) until the partitions' current ends are; then flush the open windows, wait
         for every write and checkpoint. ``clock_start`` starts a replay's clock. Returns ``stats()``."""
         if clock_start is not None:
             self._source.start_clock(clock_start)
         ends = self._source.end_offsets() if until_end else None
-        while not self._stop.is_set():
+        while True:
             try:
                 with self._timed("settle"):
                     self._settle(block=self._in_flight_events >= self._streaming.max_in_flight_events)
@@ -173,9 +171,6 @@ class StreamConsumer:
         up to that offset."""
         position_of = {name: i for i, name in enumerate(self._source.partitions)}
         self._targets = {position_of[name]: offset for name, offset in targets.items() if name in position_of}
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def pid(self) -> int:
         return os.getpid()

@@ -7,7 +7,8 @@
 
 Consumers and the sink are Ray actors that Ray restarts when their process dies; a restarted
 consumer resumes from its checkpoints and Ray resubmits its ``run``. For Kafka, which has no end,
-``finish_at(targets)`` names the offsets to stop at (``log_ends()`` gives the current ones).
+``finish_at(targets)`` names the offsets to stop at (``sources.kafka.log_end_offsets`` gives the
+current ones).
 """
 
 from __future__ import annotations
@@ -109,12 +110,9 @@ class Pipeline:
             if deadline is not None and time.monotonic() > deadline:
                 raise RtmlError(f"the pipeline did not finish within {timeout_s:.0f}s; progress: {self.progress()}")
 
-    def stop(self) -> list[dict]:
-        for c in self.consumers:
-            c.stop.remote()
-        return ray.get(self._runs)
-
     def shutdown(self) -> None:
+        """Stop every actor at once. Nothing is lost: whatever was not checkpointed yet is read
+        again by the next pipeline of the same group."""
         if self.sink is not None:
             ray.get(self.sink.close.remote())
         for actor in [*self.consumers, self.sink]:

@@ -32,10 +32,6 @@ class LakehouseSink:
         await asyncio.gather(*(asyncio.wrap_future(self._writers[name].submit(rows)) for name, rows in submitted.items()))
         return {name: rows.num_rows for name, rows in submitted.items()}
 
-    async def written(self) -> dict[str, int]:
-        """New rows each table took so far (repeats of rows it held are not counted)."""
-        return {table: writer.rows_written for table, writer in self._writers.items()}
-
     async def close(self) -> None:
         for writer in self._writers.values():
             await asyncio.to_thread(writer.close)
