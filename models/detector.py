@@ -15,8 +15,9 @@ detector learns on the first ``learning_rows`` values and keeps adapting afterwa
 2. Errors. |value - forecast| divided by the spread of the recent values (online normalisation).
 3. Likelihood, as Numenta's anomaly likelihood: the mean of the last ``short_window`` errors is
    compared with the distribution of that mean over the last ``long_window`` values (mean and
-   standard deviation, not including now); the normal tail probability of the difference, on a log
-   scale (``-log10(p) / 10``), is the model's score. Scores are averaged over the forecasters.
+   standard deviation, not including now, the deviation at least ``likelihood_min_spread``); the
+   normal tail probability of the difference, on a log scale (``-log10(p) / 10``), is the model's
+   score. Scores are averaged over the forecasters.
 4. Seasonality: when the learning period has a clear period (the highest autocorrelation peak above
    ``seasonal_min_autocorrelation``), the error of the seasonal-naive forecast (the value one
    period ago) gets its own likelihood (over ``seasonal_short_window`` values), and the score is the
@@ -66,6 +67,10 @@ class DetectorConfig:
     long_window: int = 500
     seasonal_short_window: int = 30
     seasonal_min_autocorrelation: float = 0.5
+    # Errors are in units of the series' spread; a rise of the mean error by a few hundredths of
+    # that spread is no anomaly, however steady the errors were before (Numenta bounds the
+    # likelihood's variance from below for the same reason).
+    likelihood_min_spread: float = 0.01
     spatial_tolerance: float = 0.01
     high_score: float = 0.7
     quiet_after: int = 50
@@ -81,14 +86,20 @@ def detect(values: np.ndarray, learning_rows: int, config: DetectorConfig = Dete
     n = len(values)
     learning_rows = max(2, min(learning_rows, n))
     model_scores = [
-        _likelihood(_forecast_errors(values, learning_rows, spec, config), config.short_window, config.long_window)
+        _likelihood(
+            _forecast_errors(values, learning_rows, spec, config),
+            config.short_window,
+            config.long_window,
+            config.likelihood_min_spread,
+        )
         for spec in config.forecasters
     ]
     scores = np.mean(model_scores, axis=0) if model_scores else np.zeros(n)
     scores = _report_once(scores, config.high_score, int(config.forecaster_quiet_learning_periods * learning_rows))
     seasonal = _seasonal_errors(values, learning_rows, config.seasonal_min_autocorrelation)
     if seasonal is not None:
-        scores = np.maximum(scores, _likelihood(seasonal, config.seasonal_short_window, config.long_window))
+        seasonal_scores = _likelihood(seasonal, config.seasonal_short_window, config.long_window, config.likelihood_min_spread)
+        scores = np.maximum(scores, seasonal_scores)
     scores = np.maximum(scores, _novelty(values, config.spatial_tolerance))
     scores[:learning_rows] = 0.0
     return _report_once(scores, config.high_score, config.quiet_after)
@@ -135,25 +146,30 @@ def _spread(past: np.ndarray) -> float:
     return max(spread, floor)
 
 
-def _likelihood(errors: np.ndarray, short_window: int, long_window: int) -> np.ndarray:
+def _likelihood(errors: np.ndarray, short_window: int, long_window: int, min_spread: float) -> np.ndarray:
     """Numenta-style anomaly likelihood of the recent mean error, on NAB's log scale."""
     recent = pd.Series(errors).rolling(short_window, min_periods=1).mean()
     history = recent.shift(1).rolling(long_window, min_periods=max(10, short_window * 2))
     mean, std = history.mean(), history.std()
-    z = ((recent - mean) / np.maximum(std.to_numpy(), 1e-6)).to_numpy()
+    z = ((recent - mean) / np.maximum(std.to_numpy(), min_spread)).to_numpy()
     z = np.nan_to_num(z, nan=0.0)
     return tail_score(torch.as_tensor(z)).numpy() * (z > 0)
 
 
-def dominant_period(values: np.ndarray, min_autocorrelation: float, min_lag: int = 10) -> int | None:
+def seasonal_lag(values: np.ndarray, min_autocorrelation: float, min_lag: int = 10) -> int | None:
     """The lag of the highest local autocorrelation peak above ``min_autocorrelation`` (lags from
-    ``min_lag`` to half the length), or None when the values show no clear period."""
+    ``min_lag`` to half the length), or None when the values show no clear period: the period (or a
+    multiple of it, which forecasts as well) whose seasonal-naive forecast fits ``values`` best.
+
+    The autocorrelation at lag k is averaged over the n - k pairs that lag has. The common
+    estimate divides by n instead, which shrinks long lags by (n - k) / n: a weekly period, whose
+    days differ, would lose to the daily one only because fewer pairs are a week apart."""
     centred = values - values.mean()
     n = len(centred)
     if n < 2 * min_lag + 2 or not centred.any():
         return None
     spectrum = np.fft.rfft(centred, 2 * n)
-    autocorrelation = np.fft.irfft(spectrum * np.conj(spectrum))[: n // 2]
+    autocorrelation = np.fft.irfft(spectrum * np.conj(spectrum))[: n // 2] / (n - np.arange(n // 2))
     autocorrelation = autocorrelation / autocorrelation[0]
     inner = autocorrelation[min_lag:-1]
     is_peak = (inner >= autocorrelation[min_lag - 1 : -2]) & (inner >= autocorrelation[min_lag + 1 :])
@@ -167,7 +183,7 @@ def _seasonal_errors(values: np.ndarray, learning_rows: int, min_autocorrelation
     """|value - value one period ago| / learning spread, with the period found in the learning
     values; None when they show no clear period."""
     learning = values[:learning_rows]
-    period = dominant_period(learning, min_autocorrelation)
+    period = seasonal_lag(learning, min_autocorrelation)
     if period is None:
         return None
     errors = np.full(len(values), np.nan)

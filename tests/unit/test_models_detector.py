@@ -4,7 +4,7 @@ to [0, 1], and it flags what it should."""
 import numpy as np
 import pytest
 
-from models.detector import DetectorConfig, ForecasterSpec, detect, dominant_period
+from models.detector import DetectorConfig, ForecasterSpec, _likelihood, detect, seasonal_lag
 
 # Small and quick, but with every part of the default detector: forecasters of two kinds with
 # refits, the seasonal member and novelty.
@@ -53,10 +53,28 @@ def test_a_day_missing_its_pattern_is_flagged():
     assert scores[600:650].max() > 0.7 > np.percentile(scores[250:600], 99)
 
 
-def test_dominant_period_is_found_and_noise_has_none():
-    assert dominant_period(seasonal_series(period=40)[:400], 0.5) == 40
-    assert dominant_period(np.random.default_rng(1).normal(size=400), 0.5) is None
-    assert dominant_period(np.full(400, 3.0), 0.5) is None
+def test_seasonal_lag_is_the_period_or_a_multiple_and_noise_has_none():
+    assert seasonal_lag(seasonal_series(period=40)[:400], 0.5) in (40, 80, 120, 160)
+    assert seasonal_lag(np.random.default_rng(1).normal(size=400), 0.5) is None
+    assert seasonal_lag(np.full(400, 3.0), 0.5) is None
+
+
+def test_a_week_whose_days_differ_is_the_period_not_the_day():
+    # Half-hourly readings over 15.6 days (a learning period of NAB's nyc_taxi): a daily cycle,
+    # weaker at weekends. The day repeats too, but only the week repeats exactly.
+    steps = np.arange(750)
+    weekend = (steps // 48) % 7 >= 5
+    values = np.sin(2 * np.pi * steps / 48) * np.where(weekend, 0.4, 1.0) + np.random.default_rng(2).normal(0, 0.05, 750)
+    assert seasonal_lag(values, 0.5) == 7 * 48
+
+
+def test_a_rise_in_steady_errors_far_below_the_series_spread_is_no_anomaly():
+    # A forecaster's error on a flat line is steady and shifts a little when it is refitted.
+    errors = np.full(900, 0.03)
+    errors[600:] = 0.036
+    assert _likelihood(errors, 8, 500, min_spread=0.01).max() < 0.1
+    errors[800:] = 0.5
+    assert _likelihood(errors, 8, 500, min_spread=0.01)[800] > 0.9
 
 
 def test_non_finite_values_are_refused():
