@@ -349,11 +349,28 @@ def run(
         command = [
             sys.executable, "-m", "benchmarks.serve", "--child", str(home), ray_env, json.dumps(concurrencies), str(seconds), str(binary_windows), json.dumps(binary_concurrencies)
         ]
-        child = subprocess.run(command, env={**os.environ, **RAY_ENVS[ray_env]}, capture_output=True, text=True)
+        child = subprocess.run(command, env={**os.environ, **RAY_ENVS[ray_env], **_haproxy_of_its_own(ray_env)}, capture_output=True, text=True)
         if child.returncode != 0:
             raise RuntimeError(f"the {ray_env!r} run failed:\n{child.stderr[-4000:]}")
         results.extend(Measurement(**row) for row in json.loads(child.stdout.strip().splitlines()[-1]))
     return results
+
+
+def _haproxy_of_its_own(ray_env: str) -> dict[str, str]:
+    """Files and ports for this run's HAProxy, which otherwise uses fixed ones another cluster on
+    the machine may hold."""
+    if "RAY_SERVE_ENABLE_HA_PROXY" not in RAY_ENVS[ray_env]:
+        return {}
+    folder = Path(tempfile.mkdtemp(prefix="rtml-bench-haproxy-"))
+    metrics, stats = _free_port(), _free_port()
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+    }
 
 
 def table(results: list[Measurement]) -> str:

@@ -3,6 +3,7 @@ inside the function, so that `rtml --help` stays instant."""
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -15,6 +16,9 @@ def up(
     demo: Annotated[bool, typer.Option(help="Train and promote two small models for the 'demo' tenant if it has none.")] = True,
 ) -> None:
     """Start a local Ray cluster and the Serve app on embedded defaults; print the URLs."""
+    # Before Ray is imported: send the token of Ray's token authentication, which `ray start`
+    # turns on (a mode the user set is kept).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from deployments import control
     from rtml.settings import get_settings
 

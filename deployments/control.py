@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -185,11 +186,17 @@ def cluster_environment(settings: Settings, notes: list[str]) -> dict[str, str]:
 
 
 def ensure_haproxy() -> str | None:
-    """Install Debian's haproxy when it is missing and we may; why not, if it cannot be had."""
-    if shutil.which("haproxy"):
+    """None when Serve finds a haproxy binary (ray[serve] bundles one on Linux; else Debian's,
+    installed here when missing and we may); otherwise why it cannot be had."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    try:
+        get_haproxy_binary()
         return None
+    except FileNotFoundError:
+        pass
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "haproxy is not installed (`sudo apt-get install -y haproxy`, or RTML_SERVING__HAPROXY=false)"
+        return "no haproxy binary (`sudo apt-get install -y haproxy`, or RTML_SERVING__HAPROXY=false)"
     for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "haproxy"]):
         if subprocess.run(command, capture_output=True, text=True).returncode != 0:
             return f"`{' '.join(command)}` failed"
@@ -197,26 +204,36 @@ def ensure_haproxy() -> str | None:
 
 
 def connect_or_start_cluster(settings: Settings) -> LocalCluster:
-    """Connect to the local Ray cluster, starting one (``ray start --head``) if none runs."""
+    """Connect to the Ray head at ``serving.ray_port`` on this machine, starting it (``ray start
+    --head``) if nothing listens there. Only that port counts: other Ray clusters on the machine
+    (tests, other users) are left alone. ``ray start`` turns Ray's token authentication on, so this
+    process must have ``RAY_AUTH_MODE=token`` in its environment before Ray is imported."""
     notes: list[str] = []
-    try:
-        context = ray.init(address="auto", namespace="serve", log_to_driver=False)
-        notes.append("a Ray cluster was already running: it keeps the Serve options it was started with")
-        return LocalCluster(False, context.dashboard_url, notes)
-    except ConnectionError:
-        pass
-    command = [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
-        "--head",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={settings.serving.dashboard_port}",
-        "--disable-usage-stats",
-    ]
-    environment = {**os.environ, **cluster_environment(settings, notes)}
-    started = subprocess.run(command, capture_output=True, text=True, env=environment)
-    if started.returncode != 0:
-        raise RtmlError(f"`ray start --head` failed:\n{started.stderr.strip() or started.stdout.strip()}")
-    context = ray.init(address="auto", namespace="serve", log_to_driver=False)
-    return LocalCluster(True, context.dashboard_url, notes)
+    address = f"127.0.0.1:{settings.serving.ray_port}"
+    running = _listening(address)
+    if running:
+        notes.append(f"a Ray cluster was already running at {address}: it keeps the Serve options it was started with")
+    else:
+        command = [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            f"--port={settings.serving.ray_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={settings.serving.dashboard_port}",
+            "--disable-usage-stats",
+        ]
+        environment = {**os.environ, **cluster_environment(settings, notes)}
+        started = subprocess.run(command, capture_output=True, text=True, env=environment)
+        if started.returncode != 0:
+            raise RtmlError(f"`ray start --head` failed:\n{started.stderr.strip() or started.stdout.strip()}")
+    context = ray.init(address=address, namespace="serve", log_to_driver=False)
+    return LocalCluster(not running, context.dashboard_url, notes)
+
+
+def _listening(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex((host, int(port))) == 0

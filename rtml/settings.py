@@ -127,6 +127,8 @@ class ServingSettings(BaseModel):
     route_prefix: str = "/"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # The Ray head `rtml up` starts (or finds) on this machine: its GCS port and dashboard port.
+    ray_port: int = 6379
     dashboard_port: int = 8265
     # "auto": ask Serve for a GPU fraction when the cluster has GPUs, else CPU.
     use_gpu: Literal["auto", "never", "always"] = "auto"
@@ -162,8 +164,8 @@ class ServingSettings(BaseModel):
     # Serve's per-request access log lines (errors are logged either way); off for throughput.
     access_log: bool = False
     # Ray Serve's throughput options for the cluster `rtml up` starts: direct gRPC between replicas,
-    # and HAProxy as the HTTP ingress (Debian's haproxy, installed when missing and root). Both
-    # more than doubled requests/s on 2 cores (benchmarks/RESULTS.md).
+    # and HAProxy as the HTTP ingress (ray[serve] bundles it on Linux). Together they more than
+    # doubled requests/s on 2 cores (benchmarks/RESULTS.md).
     throughput_optimized: bool = True
     haproxy: bool = True
 
