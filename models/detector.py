@@ -19,10 +19,10 @@ detector learns on the first ``learning_rows`` values and keeps adapting afterwa
    normal tail probability of the difference, on a log scale (``-log10(p) / 10``), is the model's
    score. Scores are averaged over the forecasters.
 4. Seasonality: when the learning period has a clear period (the highest autocorrelation peak above
-   ``seasonal_min_autocorrelation``), the error of the seasonal-naive forecast (the value one
-   period ago) gets its own likelihood (over ``seasonal_short_window`` values), and the score is the
-   larger of the two. Short-context forecasters miss a day that lacks its usual pattern; this
-   catches it.
+   ``seasonal_min_autocorrelation``, see ``seasonal_lag``), the error of the seasonal-naive
+   forecast (the value one period ago) gets its own likelihood (over ``seasonal_short_window``
+   values), and the score is the larger of the two. Short-context forecasters miss a day that
+   lacks its usual pattern; this catches it.
 5. Novelty: a value beyond the range seen so far by more than ``spatial_tolerance`` of that range
    scores 1, as in Numenta's detector (people label such values anomalous).
 6. Only the first of consecutive high scores stays high (``quiet_after``): an anomaly is reported
