@@ -24,6 +24,7 @@ def nab(
     data: Optional[Path] = typer.Option(None, help="NAB data directory: <category>/<name>.csv with timestamp,value."),
     out: Optional[Path] = typer.Option(None, help="Where to write <category>/<name>.csv with anomaly_score."),
     workers: int = typer.Option(0, help="Parallel series (Ray tasks); 0 = one per free core."),
+    seed: int = typer.Option(0, help="Seed of the forecasters' training (the figures in RESULTS.md name theirs)."),
 ) -> None:
     """Run the streaming detector causally over every series of a NAB-layout directory."""
     if ctx.invoked_subcommand is not None:
@@ -32,6 +33,7 @@ def nab(
         raise typer.BadParameter("give both --data DIR and --out DIR (or a subcommand: `rtml nab score`)")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from models.detector import DetectorConfig
     from models.nab.runner import find_series, run_corpus
 
     total = len(find_series(data))
@@ -40,7 +42,7 @@ def nab(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
     ) as progress:
         task = progress.add_task("detecting", total=total)
-        run_corpus(data, out, workers=workers or None, on_done=lambda name: progress.advance(task))
+        run_corpus(data, out, config=DetectorConfig(seed=seed), workers=workers or None, on_done=lambda name: progress.advance(task))
     Console().print(f"wrote {total} result files to {out} in {time.perf_counter() - started:.0f} s")
 
 
