@@ -61,6 +61,8 @@ class Measurement:
     cpu_ms_per_request: float = float("nan")
     cpu_by_process: dict[str, float] | None = None
     client_cpu_ms_per_request: float = float("nan")
+    # The machine's 1-minute load average when the point was taken (others share the machine).
+    load_average: float = float("nan")
 
     @property
     def requests_per_s(self) -> float:
@@ -113,7 +115,9 @@ def measure_raw(artifacts: list[str], batch: int, workers: int, seconds: float) 
     elapsed = time.perf_counter() - started
     flat = [value for out in latencies for value in out]
     p50, p99 = _stats(flat)
-    return Measurement(f"(a) raw torch, {workers} thread(s)", "-", "in-process", workers, batch, len(flat), 0, elapsed, p50, p99)
+    return Measurement(
+        f"(a) raw torch, {workers} thread(s)", "-", "in-process", workers, batch, len(flat), 0, elapsed, p50, p99, load_average=os.getloadavg()[0]
+    )
 
 
 # CPU accounting --------------------------------------------------------------------------------
@@ -229,7 +233,7 @@ def measure_http(system: str, ray_env: str, form: str, url: str, body: bytes, co
     per_request = 1000.0 * sum(spent.values()) / max(ok, 1)
     top = {name: round(1000.0 * seconds / max(ok, 1), 3) for name, seconds in list(spent.items())[:8]}
     client = 1000.0 * client_cpu / max(ok, 1) * seconds / (seconds + warmup_s)
-    return Measurement(system, ray_env, form, concurrency, windows, ok, errors, elapsed, p50, p99, per_request, top, client)
+    return Measurement(system, ray_env, form, concurrency, windows, ok, errors, elapsed, p50, p99, per_request, top, client, os.getloadavg()[0])
 
 
 def _free_port() -> int:
@@ -350,8 +354,9 @@ def run(
             sys.executable, "-m", "benchmarks.serve", "--child", str(home), ray_env, json.dumps(concurrencies), str(seconds), str(binary_windows), json.dumps(binary_concurrencies)
         ]
         child = subprocess.run(command, env={**os.environ, **RAY_ENVS[ray_env], **_haproxy_of_its_own(ray_env)}, capture_output=True, text=True)
-        if child.returncode != 0:
-            raise RuntimeError(f"the {ray_env!r} run failed:\n{child.stderr[-4000:]}")
+        if child.returncode != 0:  # report it and go on with the other configurations
+            progress(f"the {ray_env!r} run failed:\n{child.stderr[-3000:]}")
+            continue
         results.extend(Measurement(**row) for row in json.loads(child.stdout.strip().splitlines()[-1]))
     return results
 
@@ -361,7 +366,7 @@ def _haproxy_of_its_own(ray_env: str) -> dict[str, str]:
     the machine may hold."""
     if "RAY_SERVE_ENABLE_HA_PROXY" not in RAY_ENVS[ray_env]:
         return {}
-    folder = Path(tempfile.mkdtemp(prefix="rtml-bench-haproxy-"))
+    folder = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: HAProxy caps socket paths at 97 characters
     metrics, stats = _free_port(), _free_port()
     return {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
@@ -375,13 +380,13 @@ def _haproxy_of_its_own(ray_env: str) -> dict[str, str]:
 
 def table(results: list[Measurement]) -> str:
     lines = [
-        "| system | Ray Serve env | form | concurrency | windows/request | requests/s | windows/s | p50 ms | p99 ms | errors | server CPU ms/request |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | Ray Serve env | form | concurrency | windows/request | requests/s | windows/s | p50 ms | p99 ms | errors | server CPU ms/request | load avg |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.system} | {r.ray_env} | {r.form} | {r.concurrency} | {r.windows_per_request} | {r.requests_per_s:,.0f} | "
-            f"{r.windows_per_s:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {r.cpu_ms_per_request:.2f} |"
+            f"{r.windows_per_s:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {r.cpu_ms_per_request:.2f} | {r.load_average:.1f} |"
         )
     return "\n".join(lines)
 
