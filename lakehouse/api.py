@@ -6,6 +6,7 @@
         writer.submit(predictions).result()              # done = durable
     lake.read("events", tenant="acme", start=t0, end=t1) # newest first
     lake.read("events", snapshot_id=...)                 # time travel (or as_of=datetime)
+    lake.dataset("events", tenant="acme")                # a Ray Dataset (read_iceberg) for batch jobs
     lake.registry.register(model_version)                # register/list/get/promote/retire/active/set_weights
     lake.features.online_latest("acme", ["pump-1"])      # feature store: online_latest/offline_range/offline_dataset
     lake.lineage(prediction_id)                          # feature rows + model versions (+ training snapshots)
@@ -24,7 +25,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from pyiceberg.catalog import Catalog
@@ -34,6 +35,7 @@ from pyiceberg.table import Table
 
 from lakehouse import catalog as backend
 from lakehouse import erasure, maintenance, replication
+from lakehouse.datasets import iceberg_dataset
 from lakehouse.blobs import offload_large_payloads, read_blob
 from lakehouse.erasure import ErasureReport
 from lakehouse.errors import LakehouseError
@@ -46,6 +48,9 @@ from lakehouse.tables import AUDIT, EVENTS, FEATURES, PREDICTIONS, Rows, table_d
 from lakehouse.writer import BatchingWriter, append_idempotent
 from rtml.schemas import ModelVersion, new_id, utc_now
 from rtml.settings import LakehouseSettings, Settings, get_settings
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 @dataclass
@@ -180,6 +185,36 @@ class Lakehouse:
             rows = rows.sort_by([(definition.time_column, "descending")])
         return rows if limit is None else rows.slice(0, limit)
 
+    def dataset(
+        self,
+        table: str,
+        tenant: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        snapshot_id: int | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> ray.data.Dataset:
+        """The rows ``read`` would return (unordered) as a Ray Dataset read by parallel Ray tasks,
+        pinned to ``snapshot_id`` (the current snapshot by default) for batch jobs."""
+        definition = table_def(table)
+        current = self.table(table)
+        if snapshot_id is None:
+            snapshot = current.current_snapshot()
+            snapshot_id = snapshot.snapshot_id if snapshot else None
+        elif current.snapshot_by_id(snapshot_id) is None:
+            raise LakehouseError(f"table {table!r} has no snapshot {snapshot_id} (it may have expired)")
+        return iceberg_dataset(
+            f"{self.namespace}.{definition.name}",
+            self._catalog_kwargs(),
+            snapshot_id,
+            equals=None if tenant is None else {"tenant": tenant},
+            time_column=definition.time_column,
+            start=start,
+            end=end,
+            columns=columns,
+        )
+
     def snapshots(self, table: str) -> list[SnapshotInfo]:
         """The table's retained snapshots, oldest first (ids for time travel and lineage)."""
         return history(self.table(table))
@@ -199,8 +234,12 @@ class Lakehouse:
         return FeatureStore(
             lambda: self.table(FEATURES.name),
             f"{self.namespace}.{FEATURES.name}",
-            lambda: {"name": self.settings.catalog_name, **backend.catalog_properties(self.settings, self._all_settings.home_dir)},
+            self._catalog_kwargs,
         )
+
+    def _catalog_kwargs(self) -> dict[str, Any]:
+        """How a Ray task reaches this catalog (``ray.data.read_iceberg`` opens its own)."""
+        return {"name": self.settings.catalog_name, **backend.catalog_properties(self.settings, self._all_settings.home_dir)}
 
     def lineage(self, prediction_id: str) -> Lineage:
         """The feature rows and model versions (with their training snapshots) behind a prediction."""

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.table import Table
 
+from lakehouse.datasets import iceberg_dataset
 from lakehouse.snapshots import only_appends_since
 from lakehouse.tables import FEATURES, Rows, plain_record, time_literal, to_arrow
 
@@ -101,20 +102,19 @@ class FeatureStore:
     ) -> ray.data.Dataset:
         """The same range as a Ray Dataset read in parallel by Ray tasks (``ray.data.read_iceberg``),
         pinned to one snapshot so that a training run reads one consistent state."""
-        import ray.data
-        from ray.data.expressions import col
-
-        table = self._load()
-        pinned = snapshot_id if snapshot_id is not None else _current_id(table)
-        # Ray Data pushes this predicate down into the Iceberg scan, so files of other tenants and
-        # days are never read.
-        predicate = (col("tenant") == tenant) & (col("window_end") >= start) & (col("window_end") < end)
+        equals = {"tenant": tenant}
         if feature_set_version is not None:
-            predicate = predicate & (col("feature_set_version") == feature_set_version)
-        dataset = ray.data.read_iceberg(
-            table_identifier=self._table_identifier, catalog_kwargs=self._catalog_kwargs(), snapshot_id=pinned
+            equals["feature_set_version"] = feature_set_version
+        pinned = snapshot_id if snapshot_id is not None else _current_id(self._load())
+        return iceberg_dataset(
+            self._table_identifier,
+            self._catalog_kwargs(),
+            pinned,
+            equals=equals,
+            time_column=FEATURES.time_column,
+            start=start,
+            end=end,
         )
-        return dataset.filter(expr=predicate)
 
     def _range(self, tenant: str, start: datetime, end: datetime, version: str | None) -> BooleanExpression:
         condition: BooleanExpression = And(

@@ -1,9 +1,9 @@
 """`rtml train`: train a tenant's forecaster from the lakehouse as a Ray job and register it as a
 candidate version.
 
-1. Read the tenant's metric events at one pinned ``events`` snapshot (recorded as lineage) and cut
-   each entity's series at one instant: the last ``holdout_fraction`` of the tenant's time range is
-   held out for evaluation.
+1. Read the tenant's metric events with Ray Data (``ray.data.read_iceberg``) at one pinned
+   ``events`` snapshot (recorded as lineage) and cut each entity's series at one instant: the last
+   ``holdout_fraction`` of the tenant's time range is held out for evaluation.
 2. The training windows become a Ray Dataset that Ray Train's ``TorchTrainer`` shards over
    ``train.num_workers`` workers (GPUs when ``train.use_gpu``), each reading batches from its shard.
 3. The trained network is calibrated like any scorer (``models.scoring``), evaluated on the
@@ -37,17 +37,23 @@ WEIGHTS_FILE = "model.pt"
 
 
 def read_series(lakehouse, tenant: str) -> tuple[dict[str, pa.Table], int]:
-    """Each entity's metric events (event_time, value), oldest first, and the snapshot read."""
+    """Each entity's metric events (event_time, value), oldest first, and the snapshot read. The
+    rows are read by Ray Data tasks (``ray.data.read_iceberg``) pinned to that snapshot."""
+    import ray
+    from ray.data.expressions import col
+
     snapshots = lakehouse.snapshots("events")
     if not snapshots:
         raise RtmlError("the lakehouse has no events yet; ingest some (e.g. `rtml demo`) before training")
     snapshot_id = snapshots[-1].snapshot_id
-    rows = lakehouse.read(
-        "events", tenant=tenant, snapshot_id=snapshot_id, columns=("entity", "event_time", "value", "data_type")
-    )
-    rows = rows.filter(pc.and_(pc.equal(rows["data_type"], DataType.METRIC.value), pc.is_valid(rows["value"])))
-    if rows.num_rows == 0:
+    metric_values = (col("data_type") == DataType.METRIC.value) & col("value").is_not_null()
+    dataset = lakehouse.dataset(
+        "events", tenant=tenant, snapshot_id=snapshot_id, columns=("entity", "event_time", "value")
+    ).filter(expr=metric_values)
+    blocks = [block for block in ray.get(dataset.to_arrow_refs()) if block.num_rows]
+    if not blocks:
         raise RtmlError(f"tenant {tenant!r} has no metric events in the lakehouse to train on")
+    rows = pa.concat_tables(blocks)
     rows = rows.sort_by([("entity", "ascending"), ("event_time", "ascending")])
     entities = {name: rows.filter(pc.equal(rows["entity"], name)) for name in pc.unique(rows["entity"]).to_pylist()}
     return entities, snapshot_id
@@ -177,6 +183,8 @@ def train_candidate(
     epochs = epochs or settings.train.epochs
     if not 0.0 < settings.train.holdout_fraction < 1.0:
         raise RtmlError("train.holdout_fraction must be between 0 and 1")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     on_step("reading events")
     lakehouse = Lakehouse.open(settings)
     entities, snapshot_id = read_series(lakehouse, tenant)
@@ -187,8 +195,6 @@ def train_candidate(
     run_id = uuid.uuid4().hex[:12]
     name = f"{tenant}-{kind}"
     on_step(f"training on {len(training.targets)} windows")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     network, train_metrics = _fit_with_ray_train(kind, training, settings, epochs, f"{name}-{run_id}")
     on_step("evaluating")
     scorer = calibrated_scorer(kind, network, training)

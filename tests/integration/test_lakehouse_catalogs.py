@@ -163,6 +163,20 @@ def test_time_travel_returns_the_older_state(lake):
 # registry, feature store, lineage ----------------------------------------------------------------
 
 
+def test_ray_dataset_reads_one_tenant_and_time_range_of_a_pinned_snapshot(lake, ray_cluster):
+    lake.append_idempotent("events", events(10) + events(5, tenant="other"))
+    pinned = lake.snapshots("events")[-1].snapshot_id
+    lake.append_idempotent("events", events(10, start=10))
+    start, end = T0 + timedelta(seconds=3), T0 + timedelta(seconds=13)
+    current = lake.dataset("events", tenant="acme", start=start, end=end, columns=("event_id",))
+    assert sorted(row["event_id"] for row in current.take_all()) == sorted(f"acme-ev-{i}" for i in range(3, 13))
+    assert current.columns() == ["event_id"]
+    older = lake.dataset("events", tenant="acme", start=start, end=end, snapshot_id=pinned)
+    assert sorted(row["event_id"] for row in older.take_all()) == sorted(f"acme-ev-{i}" for i in range(3, 10))
+    with pytest.raises(LakehouseError, match="no snapshot"):
+        lake.dataset("events", snapshot_id=12345)
+
+
 def model(name: str = "acme-rnn", **changes) -> ModelVersion:
     return ModelVersion(name=name, version=0, kind="rnn", tenant="acme", artifact_uri=f"file:///models/{name}", **changes)
 
