@@ -8,6 +8,7 @@ batch's rows are durable; consumers keep scoring meanwhile and checkpoint once i
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pyarrow as pa
 
@@ -31,6 +32,9 @@ class LakehouseSink:
         submitted = {name: rows for name, rows in tables.items() if rows.num_rows}
         await asyncio.gather(*(asyncio.wrap_future(self._writers[name].submit(rows)) for name, rows in submitted.items()))
         return {name: rows.num_rows for name, rows in submitted.items()}
+
+    def pid(self) -> int:
+        return os.getpid()
 
     async def close(self) -> None:
         for writer in self._writers.values():

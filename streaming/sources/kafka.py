@@ -21,6 +21,7 @@ import numpy as np
 
 from rtml.errors import RtmlError
 from rtml.settings import KafkaSettings
+from streaming.router import FRAME_CONTENT_TYPE
 from streaming.sources.base import Source, SourceBatch
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,17 @@ class EventProducer:
         tenant, entity = str(event.get("tenant")), str(event.get("entity"))
         payload = value if value is not None else json.dumps(event, default=str).encode()
         self._producer.send(events_topic(self._settings, tenant), key=record_key(tenant, entity), value=payload)
+
+    def send_frame(self, event: Mapping[str, Any], frame: np.ndarray) -> None:
+        """Send one image event as a binary frame (``streaming.router``'s format): the raw frame
+        (uint8 or float32, [height, width]) as the value, the event's fields in a header."""
+        tenant, entity = str(event.get("tenant")), str(event.get("entity"))
+        attributes = {**(event.get("attributes") or {}), "frame_shape": list(frame.shape), "frame_dtype": frame.dtype.name}
+        fields = {**event, "data_type": "image", "attributes": attributes}
+        headers = [("content-type", FRAME_CONTENT_TYPE), ("rtml-event", json.dumps(fields, default=str).encode())]
+        self._producer.send(
+            events_topic(self._settings, tenant), key=record_key(tenant, entity), value=np.ascontiguousarray(frame).tobytes(), headers=headers
+        )
 
     def flush(self, timeout_s: float | None = None) -> None:
         self._producer.flush(timeout=timeout_s)

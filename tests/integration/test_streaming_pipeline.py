@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import time
 import uuid
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -25,6 +27,8 @@ ENTITIES = 4
 READINGS = 400  # per entity
 WINDOW_LENGTH = 16
 START = datetime(2025, 3, 1, tzinfo=timezone.utc)
+CAMERA_MODEL = "acme-camera"
+FRAME_SHAPE = (16, 16)
 MALFORMED = [b"{not json", orjson.dumps({"tenant": "acme", "entity": "pump-0", "event_time": "soon", "value": 1.0})]
 
 
@@ -48,7 +52,7 @@ def stack(ray_cluster, tmp_path_factory):
     settings = Settings(
         home=home,
         models={"window_length": WINDOW_LENGTH},
-        serving={"app_name": "rtml-streaming-tests", "persist_predictions": False, "model_kinds": ("cnn",), "http_port": _free_port()},
+        serving={"app_name": "rtml-streaming-tests", "persist_predictions": False, "model_kinds": ("cnn", "image_cnn"), "http_port": _free_port()},
         # Small batches, frequent commits and a short leash: the replays become durable in many
         # small steps, so that a disturbance lands mid-way.
         streaming={
@@ -69,13 +73,25 @@ def stack(ray_cluster, tmp_path_factory):
         uri = save_scorer(fit_scorer("cnn", series, window_length=WINDOW_LENGTH, epochs=1), home / "models" / tenant)
         model = lake.registry.register(ModelVersion(name=f"{tenant}-cnn", version=0, kind="cnn", tenant=tenant, artifact_uri=uri))
         lake.registry.promote(model.name, model.version)
+    camera = fit_scorer("image_cnn", [_camera_frames(np.random.default_rng(2), 300) / np.float32(255)], epochs=8)
+    model = lake.registry.register(
+        ModelVersion(name=CAMERA_MODEL, version=0, kind="image_cnn", tenant="acme", artifact_uri=save_scorer(camera, home / "models" / "camera"))
+    )
+    lake.registry.promote(model.name, model.version)
     client = deploy_scoring(settings)
     yield settings, client, lake
     serve.delete(settings.serving.app_name)
 
 
-def _run_settings(settings: Settings, run: str) -> Settings:
-    kafka = settings.kafka.model_copy(update={"topic_prefix": run, "dead_letter_topic": f"{run}.dead-letter", "consumer_group": run})
+def _camera_frames(rng: np.random.Generator, count: int) -> np.ndarray:
+    """uint8 frames of a dull, evenly lit scene, as a camera would send them."""
+    return (255 * (0.3 + 0.05 * rng.random((count, *FRAME_SHAPE)))).astype(np.uint8)
+
+
+def _run_settings(settings: Settings, run: str, topic_layout: str = "shared") -> Settings:
+    kafka = settings.kafka.model_copy(
+        update={"topic_prefix": run, "dead_letter_topic": f"{run}.dead-letter", "consumer_group": run, "topic_layout": topic_layout}
+    )
     return settings.model_copy(update={"kafka": kafka, "streaming": settings.streaming.model_copy(update={"source": "kafka"})})
 
 
@@ -100,7 +116,7 @@ def _events(run: str) -> list[dict]:
 def _produce(settings: Settings, events: list[dict]) -> None:
     from streaming.sources.kafka import EventProducer, ensure_topics, events_topic
 
-    ensure_topics(settings.kafka, [events_topic(settings.kafka, "any"), settings.kafka.dead_letter_topic])
+    ensure_topics(settings.kafka, [*(events_topic(settings.kafka, tenant) for tenant in TENANTS), settings.kafka.dead_letter_topic])
     producer = EventProducer(settings.kafka)
     for i, event in enumerate(events):
         producer.send(event)
@@ -143,28 +159,32 @@ def _replay(settings: Settings, client, disturb=None, disturb_at: float = 0.3) -
         stats = pipeline.wait(timeout_s=400)
         seen["metrics"] = [ray.get(c.metrics_text.remote()).decode() for c in pipeline.consumers]
         seen["pids_after"] = pipeline.consumer_pids()
+        seen["sink_pid_after"] = ray.get(pipeline.sink.pid.remote())
         return stats, seen
     finally:
         pipeline.shutdown()
 
 
-def _assert_exactly_one_prediction_per_event(lake, run: str, events: list[dict]) -> None:
-    predicted = lake.read("predictions", columns=("event_id",))["event_id"]
-    mine = predicted.filter(pc.starts_with(predicted, run + ".")).to_pylist()
-    assert len(mine) == len(set(mine)), "an event has more than one prediction row"
+def _assert_exactly_one_prediction_per_event(lake, run: str, events: list[dict], table: str = "predictions") -> None:
+    ids = lake.read(table, columns=("event_id",))["event_id"]
+    mine = ids.filter(pc.starts_with(ids, run + ".")).to_pylist()
+    assert len(mine) == len(set(mine)), f"an event has more than one row in {table}"
     assert set(mine) == {event["event_id"] for event in events}
 
 
-def _dead_letters(settings: Settings) -> list[tuple[bytes, dict]]:
+def _records(settings: Settings, topic: str) -> list:
+    """Every record of ``topic``."""
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(
-        settings.kafka.dead_letter_topic, bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest", consumer_timeout_ms=3000
-    )
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest", consumer_timeout_ms=3000)
     try:
-        return [(record.value, dict(record.headers)) for record in consumer]
+        return list(consumer)
     finally:
         consumer.close()
+
+
+def _dead_letters(settings: Settings) -> list[tuple[bytes, dict]]:
+    return [(record.value, dict(record.headers)) for record in _records(settings, settings.kafka.dead_letter_topic)]
 
 
 @pytest.mark.services
@@ -218,6 +238,115 @@ def test_a_model_replica_killed_mid_replay_loses_and_duplicates_nothing(produced
 
     assert 0 < seen["durable"] < seen["total"]
     _assert_exactly_one_prediction_per_event(lake, run, events)
+
+
+@pytest.mark.services
+def test_a_sink_killed_mid_replay_loses_and_duplicates_nothing(produced):
+    """The sink's process dies with writes in flight (some perhaps committed, not yet answered):
+    Ray restarts it and resubmits them, and the idempotent appends keep one row per key."""
+    import ray
+
+    settings, client, lake, run, events = produced
+    killed = []
+
+    def kill_sink(pipeline) -> None:
+        killed.append(ray.get(pipeline.sink.pid.remote()))
+        os.kill(killed[0], signal.SIGKILL)
+
+    _, seen = _replay(settings, client, kill_sink)
+
+    assert 0 < seen["durable"] < seen["total"]
+    assert seen["sink_pid_after"] != killed[0], "Ray did not restart the killed sink"
+    _assert_exactly_one_prediction_per_event(lake, run, events)
+    _assert_exactly_one_prediction_per_event(lake, run, events, table="events")
+    feature_ids = lake.read("features", columns=("feature_id",))["feature_id"]
+    assert len(pc.unique(feature_ids)) == len(feature_ids)
+
+
+@pytest.mark.services
+def test_a_failed_lakehouse_write_rewinds_the_consumers_to_their_checkpoints(produced):
+    """The catalog refuses commits for a while (another process holds SQLite's write lock): the
+    sink's write fails, the running consumers rewind to their checkpoints and read again, and
+    nothing is lost or written twice."""
+    settings, client, lake, run, events = produced
+    settings = settings.model_copy(update={"lakehouse": settings.lakehouse.model_copy(update={"commit_retries": 1})})
+    catalog = settings.home_dir / "lakehouse" / "catalog.db"
+
+    def lock_the_catalog(_pipeline) -> None:
+        # Longer than SQLite's 5 s busy timeout, so that a waiting commit gives up.
+        with closing(sqlite3.connect(catalog, timeout=30, isolation_level=None)) as db:
+            db.execute("BEGIN EXCLUSIVE")
+            time.sleep(8)
+            db.execute("ROLLBACK")
+
+    stats, seen = _replay(settings, client, lock_the_catalog)
+
+    assert 0 < seen["durable"] < seen["total"]
+    assert seen["pids_after"] == seen["pids"], "a consumer process died; the rewind in place was not what recovered"
+    assert sum(s["restarts_from_checkpoint"] for s in stats) >= 1, "no consumer saw the failed write"
+    _assert_exactly_one_prediction_per_event(lake, run, events)
+    _assert_exactly_one_prediction_per_event(lake, run, events, table="events")
+
+
+@pytest.mark.services
+def test_per_tenant_topics_are_consumed_side_by_side(stack, kafka_bootstrap):
+    """``kafka.topic_layout = "tenant"``: each tenant's events travel in its own topic, and one
+    pipeline's consumers share the partitions of all of them."""
+    settings, client, lake = stack
+    run = f"rtml-test-{uuid.uuid4().hex[:8]}"
+    settings = _run_settings(settings, run, topic_layout="tenant")
+    events = _events(run)
+    _produce(settings, events)
+
+    stats, _ = _replay(settings, client)
+
+    for tenant in TENANTS:
+        keys = {record.key.decode() for record in _records(settings, f"{run}.events.{tenant}")}
+        assert keys == {f"{tenant}/sensor-{e}" for e in range(ENTITIES)}
+    consumed = {partition.split(":")[0] for s in stats for partition in s["partitions"]}
+    assert consumed == {f"{run}.events.{tenant}" for tenant in TENANTS}
+    _assert_exactly_one_prediction_per_event(lake, run, events)
+
+
+@pytest.mark.services
+def test_binary_frames_are_scored_by_the_image_model_on_the_stream_path(stack, kafka_bootstrap):
+    """Camera frames sent as binary records among JSON metric events: the DataRouter sends them to
+    the tenant's image model, whose predictions flag the damaged frames; the raw frames land in
+    the events table."""
+    from streaming.sources.kafka import EventProducer
+
+    settings, client, lake = stack
+    run = f"rtml-test-{uuid.uuid4().hex[:8]}"
+    settings = _run_settings(settings, run)
+    frames = _camera_frames(np.random.default_rng(3), 40)
+    damaged = set(range(0, len(frames), 4))
+    for i in damaged:
+        frames[i, 4:10, 4:10] = 255
+    shots = [
+        {"event_id": f"{run}.frame.{i}", "tenant": "acme", "entity": f"camera-{i % 2}", "event_time": (START + timedelta(seconds=i)).isoformat()}
+        for i in range(len(frames))
+    ]
+    metric_events = _events(run)[:800]
+    _produce(settings, metric_events)
+    producer = EventProducer(settings.kafka)
+    for shot, frame in zip(shots, frames):
+        producer.send_frame(shot, frame)
+    producer.flush()
+    producer.close()
+
+    _replay(settings, client)
+
+    _assert_exactly_one_prediction_per_event(lake, run, [*metric_events, *shots])
+    predictions = lake.read("predictions", columns=("event_id", "is_anomaly", "model_versions")).to_pylist()
+    scored = {row["event_id"]: row for row in predictions if row["event_id"].startswith(f"{run}.frame.")}
+    assert all(dict(row["model_versions"]).keys() == {CAMERA_MODEL} for row in scored.values())
+    flagged = {int(event_id.rsplit(".", 1)[1]) for event_id, row in scored.items() if row["is_anomaly"]}
+    assert flagged == damaged
+    landed = lake.read("events", columns=("event_id", "data_type", "payload")).to_pylist()
+    frame_rows = {row["event_id"]: row for row in landed if row["event_id"].startswith(f"{run}.frame.")}
+    assert {row["data_type"] for row in frame_rows.values()} == {"image"}
+    assert frame_rows[f"{run}.frame.4"]["payload"] == frames[4].tobytes()
+    assert [value for value, _ in _dead_letters(settings)] == [MALFORMED[0]]  # the one _produce sent among these events
 
 
 def test_the_file_replay_survives_a_killed_consumer_and_keeps_late_and_bad_records_apart(stack, tmp_path):
