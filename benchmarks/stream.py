@@ -60,6 +60,7 @@ class Figures:
     ensemble_windows_per_s: float  # the models' forward alone, in-process
     throughput_seconds: dict  # where the consumers' time went in (b), summed over consumers
     latency_seconds: dict  # the same in (c)
+    throughput_cpu_s: dict  # CPU seconds of each kind of process of the Ray cluster during (b)
 
     @property
     def ratio(self) -> float:
@@ -134,9 +135,11 @@ def prepare(settings: Settings, console) -> None:
             train_and_register(lake, tenant, kind, settings.home_dir / "models", window_length=settings.models.window_length, epochs=1)
 
 
-def run_pipeline(settings: Settings, client, group: str, during=None) -> tuple[float, list[dict]]:
-    """Consume the run's topic to its end; returns (events/s from ready to all durable, stats).
-    ``during`` runs once the consumers are ready (the offered-rate producer)."""
+def run_pipeline(settings: Settings, client, group: str, during=None) -> tuple[float, list[dict], dict[str, float]]:
+    """Consume the run's topic to its end; returns (events/s from ready to all durable, stats, CPU
+    seconds by process kind meanwhile). ``during`` runs once the consumers are ready (the
+    offered-rate producer)."""
+    from benchmarks.serve import cpu_seconds, cpu_spent
     from streaming.pipeline import Pipeline
     from streaming.sources.kafka import log_end_offsets
 
@@ -144,12 +147,14 @@ def run_pipeline(settings: Settings, client, group: str, during=None) -> tuple[f
     try:
         pipeline.start()  # returns once every consumer is ready and reading
         ready = time.perf_counter()
+        cpu_before = cpu_seconds(os.getpid())
         if during is not None:
             during()
         pipeline.finish_at(log_end_offsets(settings.kafka))
         stats = pipeline.wait(timeout_s=3600)
         elapsed = time.perf_counter() - ready
-        return sum(s["read"] for s in stats) / elapsed, stats
+        cpu = cpu_spent(cpu_before, cpu_seconds(os.getpid()))  # before shutdown: the actors are gone after it
+        return sum(s["read"] for s in stats) / elapsed, stats, cpu
     finally:
         pipeline.shutdown()
 
@@ -232,12 +237,12 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
         client = deploy_scoring(settings)
         warm_up(client, list(TENANTS), settings.models.window_length)
         console.print("(b) rtml, whole path")
-        rtml_rate, throughput_stats = run_pipeline(throughput, client, throughput.kafka.consumer_group)
+        rtml_rate, throughput_stats, throughput_cpu = run_pipeline(throughput, client, throughput.kafka.consumer_group)
         predictions, distinct, _ = _predictions(lake, f"{bench_id}-t")
         console.print(f"(c) rtml at {rate:g} events/s offered for {seconds:g} s")
         offered = for_run("latency")
         sent: list[int] = []
-        _, stats = run_pipeline(offered, client, offered.kafka.consumer_group, during=lambda: sent.append(_offer(offered, f"{bench_id}-l", rate, seconds)))
+        _, stats, _ = run_pipeline(offered, client, offered.kafka.consumer_group, during=lambda: sent.append(_offer(offered, f"{bench_id}-l", rate, seconds)))
         offered_predictions, _, latency = _predictions(lake, f"{bench_id}-l")
     finally:
         ray.shutdown()
@@ -262,6 +267,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
         ensemble_windows_per_s=ensemble_rate,
         throughput_seconds=_stage_seconds(throughput_stats),
         latency_seconds=_stage_seconds(stats),
+        throughput_cpu_s={name.removeprefix("ray::"): round(spent, 1) for name, spent in throughput_cpu.items() if spent >= 0.05},
     )
 
 
@@ -320,7 +326,8 @@ At a fixed offered rate of {f.offered_rate:,.0f} events/s ({f.offered_events:,} 
 Target: p99 event -> prediction at most 250 ms at 2,000 events/s offered.
 
 For scale: the ensemble's forward alone (RNN + CNN, the bench's models, in one process, one torch thread, batches of the consumers' poll size) scores {f.ensemble_windows_per_s:,.0f} windows/s.
-Where the consumers' time went (seconds, summed over consumers): (b) {_stages(f.throughput_seconds)}; (c) {_stages(f.latency_seconds)}.
+Where the consumers' time went (seconds, summed over consumers; `score` is the scoring round trips, which overlap the other stages): (b) {_stages(f.throughput_seconds)}; (c) {_stages(f.latency_seconds)}.
+CPU seconds spent during (b) ({f.events:,} events), by process: {_stages(f.throughput_cpu_s)}.
 """
 
 

@@ -99,6 +99,9 @@ class StreamingSettings(BaseModel):
     # Events a consumer may have read but not yet written durably before it stops reading
     # (back-pressure: a slow lakehouse or model slows the consumers instead of filling memory).
     max_in_flight_events: int = 20_000
+    # Batches a consumer may have sent for scoring without their scores back: it reads on meanwhile,
+    # so a batch does not wait for the previous one's scores.
+    scoring_batches_in_flight: int = Field(default=2, ge=1)
     # Per data type: "stream" (window and score now) or "batch" (only land in the events table).
     routes: dict[str, Literal["stream", "batch"]] = Field(
         default_factory=lambda: {"metric": "stream", "image": "stream", "record": "batch"}

@@ -3,10 +3,14 @@
     poll -> route (DataRouter) -> windows and features (WindowState) -> score (EnsembleClient)
          -> hand rows to the LakehouseSink -> once durable: checkpoint, commit offsets
 
-Scoring is waited for, lakehouse writes are not: up to ``streaming.max_in_flight_events`` scored
-events may wait for durability while the consumer reads on; beyond that it stops reading until
-the oldest batch is written (back-pressure: a slow lakehouse or model slows the consumer, nothing piles
-up). Batches become durable in order, and only then are their partitions checkpointed.
+Neither scores nor lakehouse writes are waited for: while up to ``streaming.scoring_batches_in_flight``
+batches are being scored and up to ``streaming.max_in_flight_events`` events wait for their scores or
+for durability, the consumer reads on; beyond either limit it stops reading until the oldest work is
+done (back-pressure: a slow lakehouse or model slows the consumer, nothing piles up). So a batch
+never waits for the previous batch's scores, and while the models are busy the next batch grows
+with the events that arrive meanwhile (the batch size follows the offered rate). Windows are
+computed in arrival order before a batch is sent; batches become durable in order, and only then
+are their partitions checkpointed.
 
 Failure: the actor is restarted by Ray (``max_restarts``) and its ``run`` resubmitted
 (``max_task_retries``); the new process loads the checkpoints and re-reads from them. A lakehouse
@@ -20,6 +24,8 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,14 +90,24 @@ def open_dead_letters(spec: ConsumerSpec) -> DeadLetterSink:
 
 
 @dataclass
-class _Pending:
-    """A scored batch whose rows the sink is writing."""
+class _Scores:
+    predictions: list[pa.Table]  # rows of the scored requests
+    refused: list[DeadLetter]  # events of the requests refused for good
+    seconds: float  # the round trip
 
-    write: ray.ObjectRef
+
+@dataclass
+class _Pending:
+    """A batch being scored, then written by the sink."""
+
+    scoring: Future  # -> _Scores
+    tables: dict[str, pa.Table]  # its rows that need no scores (events, features)
+    letters: list[DeadLetter]  # its records that the DataRouter refused
     records: int  # read from the source
     positions: dict[int, int]  # read positions of the touched partitions after this batch
     state: dict[int, tuple[pa.Table, pa.Table]]  # their window state after this batch
     available_at: np.ndarray  # of the events it scored
+    write: ray.ObjectRef | None = None  # once handed to the sink
 
 
 @dataclass
@@ -106,8 +122,8 @@ class Counts:
     feature_windows: int = 0
     restarts_from_checkpoint: int = 0
     durable_latency_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
-    # Where the loop's time went: waiting for writes (settle), polling, routing and windowing,
-    # scoring, handing rows to the sink.
+    # Where the loop's time went: waiting for scores or writes (settle), polling, routing and
+    # windowing, handing rows to the sink; and the scoring round trips (score, which overlap the rest).
     seconds: dict = field(default_factory=dict)
 
 
@@ -131,6 +147,7 @@ class StreamConsumer:
         )
         self._dead_letters = open_dead_letters(spec)
         self._source = open_source(spec)
+        self._scoring = ThreadPoolExecutor(self._streaming.scoring_batches_in_flight, thread_name_prefix="scoring")
         self._targets: dict[int, int] | None = None
         self._counts = Counts()
         self._lag_checked = 0.0
@@ -152,7 +169,8 @@ class StreamConsumer:
         while True:
             try:
                 with self._timed("settle"):
-                    self._settle(block=self._in_flight_events >= self._streaming.max_in_flight_events)
+                    self._wait_for_room()
+                    self._settle()
                 if self._reached(self._targets or ends):
                     self._finish()
                     break
@@ -238,33 +256,22 @@ class StreamConsumer:
             )
             scored_events = metric_events.take(windowed.accepted)
             requests = _window_batches(scored_events, windowed.model_windows, "metric") + _image_batches(routed)
-        with self._timed("score"):
-            predictions, refused = self._score(requests)
-        with self._timed("hand_over"):
-            letters = sorted(_dead_letters(routed, self._source.partitions) + refused, key=lambda letter: (letter.partition, letter.offset))
-            if letters:
-                self._dead_letters.write(letters)
-            tables = {
-                "events": routed.landed.events_table(),
-                "features": feature_rows(windowed.closed, self._feature_set),
-                "predictions": pa.concat_tables(predictions) if predictions else None,
-            }
-            kept = {name: rows for name, rows in tables.items() if rows is not None}
-            self._submit(kept, len(batch), batch.next_positions(), scored_events.available_at)
+            scoring = self._scoring.submit(self._score, requests) if requests else _done(_Scores([], [], 0.0))
+            tables = {"events": routed.landed.events_table(), "features": feature_rows(windowed.closed, self._feature_set)}
+            self._submit(scoring, tables, _dead_letters(routed, self._source.partitions), len(batch), batch.next_positions(), scored_events.available_at)
         self._count(
             read=len(batch),
-            scored=sum(table.num_rows for table in predictions),
             late=int((windowed.status == LATE).sum()),
             dropped=int((windowed.status == DROPPED).sum()),
-            unscored=len(refused),
             landed=len(routed.landed),
-            dead_letters=len(letters),
             feature_windows=len(windowed.closed),
         )
 
-    def _score(self, requests: list[tuple[WindowBatch, EventColumns]]) -> tuple[list[pa.Table], list[DeadLetter]]:
+    def _score(self, requests: list[tuple[WindowBatch, EventColumns]]) -> _Scores:
         """Prediction rows of the scored requests, and dead letters for those refused for good.
-        Refusals that may pass later (5xx) and unreachable services are retried."""
+        Refusals that may pass later (5xx) and unreachable services are retried. Runs in a scoring
+        thread."""
+        started = time.perf_counter()
         answers: list[ScoredWindows | Refusal | None] = [None] * len(requests)
         retrying = Retrying(
             retry=retry_if_exception_type(Exception),
@@ -291,22 +298,54 @@ class StreamConsumer:
                     histogram.observe(latency)
             else:
                 refused.extend(_refused_letters(events, answer, self._source.partitions))
-        return tables, refused
+        return _Scores(tables, refused, time.perf_counter() - started)
 
-    def _submit(self, tables: dict[str, pa.Table], records: int, positions: dict[int, int], available_at: np.ndarray) -> None:
+    def _submit(
+        self, scoring: Future, tables: dict[str, pa.Table], letters: list[DeadLetter], records: int, positions: dict[int, int], available_at: np.ndarray
+    ) -> None:
         self._read.update(positions)
         state = {partition: self._state.to_arrow(partition) for partition in positions}
-        write = self._sink.write.remote(tables)
-        self._in_flight.append(_Pending(write, records, positions, state, available_at))
+        self._in_flight.append(_Pending(scoring, tables, letters, records, positions, state, available_at))
         self._in_flight_events += records
 
-    def _settle(self, block: bool) -> None:
-        """Checkpoint behind every batch whose rows are durable, oldest first; with ``block``, wait
-        for at least the oldest."""
+    def _wait_for_room(self) -> None:
+        """Back-pressure: return once another batch may be read and sent for scoring."""
+        scoring = [pending.scoring for pending in self._in_flight if pending.write is None]
+        if len(scoring) >= self._streaming.scoring_batches_in_flight:
+            wait_for_futures(scoring, return_when=FIRST_COMPLETED)
+        if self._in_flight_events >= self._streaming.max_in_flight_events:
+            self._wait_for_oldest()
+
+    def _wait_for_oldest(self) -> None:
+        """Wait until the oldest batch's rows are durable (or its write has failed)."""
+        head = self._in_flight[0]
+        if head.write is None:
+            wait_for_futures([head.scoring])
+            self._hand_over(head)
+        ray.wait([head.write], timeout=None)
+
+    def _hand_over(self, pending: _Pending) -> None:
+        """Send a scored batch's rows to the sink (and its dead letters to theirs)."""
+        with self._timed("hand_over"):
+            scores: _Scores = pending.scoring.result()  # scoring that kept failing raises here, ending the run
+            letters = sorted(pending.letters + scores.refused, key=lambda letter: (letter.partition, letter.offset))
+            if letters:
+                self._dead_letters.write(letters)
+            tables = {**pending.tables, "predictions": pa.concat_tables(scores.predictions) if scores.predictions else None}
+            pending.write = self._sink.write.remote({name: rows for name, rows in tables.items() if rows is not None})
+        self._counts.seconds["score"] = self._counts.seconds.get("score", 0.0) + scores.seconds
+        self._count(scored=sum(table.num_rows for table in scores.predictions), unscored=len(scores.refused), dead_letters=len(letters))
+
+    def _settle(self) -> None:
+        """Hand over every scored batch, and checkpoint behind every batch whose rows are durable,
+        oldest first."""
+        for pending in self._in_flight:
+            if pending.write is None and pending.scoring.done():
+                self._hand_over(pending)
         settled: list[_Pending] = []
-        while self._in_flight:
+        while self._in_flight and self._in_flight[0].write is not None:
             head = self._in_flight[0]
-            ready, _ = ray.wait([head.write], timeout=None if block and not settled else 0)
+            ready, _ = ray.wait([head.write], timeout=0)
             if not ready:
                 break
             try:
@@ -339,9 +378,10 @@ class StreamConsumer:
         closed = self._state.flush()
         self._count(feature_windows=len(closed))
         touched = {i: self._read.get(i, 0) for i in range(len(self._source.partitions))}
-        self._submit({"features": feature_rows(closed, self._feature_set)}, 0, touched, np.empty(0))
+        self._submit(_done(_Scores([], [], 0.0)), {"features": feature_rows(closed, self._feature_set)}, [], 0, touched, np.empty(0))
         while self._in_flight:
-            self._settle(block=True)
+            self._wait_for_oldest()
+            self._settle()
         self._export_lag(force=True)
 
     def _export_lag(self, force: bool = False) -> None:
@@ -385,6 +425,13 @@ class _ScoringUnavailable(RtmlError):
 
 class _WriteFailed(RtmlError):
     pass
+
+
+def _done(scores: _Scores) -> Future:
+    """A scoring that needed no request."""
+    done: Future = Future()
+    done.set_result(scores)
+    return done
 
 
 def _window_batches(events: EventColumns, windows: np.ndarray, data_type: str) -> list[tuple[WindowBatch, EventColumns]]:

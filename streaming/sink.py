@@ -8,6 +8,7 @@ batch's rows are durable; consumers keep scoring meanwhile and checkpoint once i
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import pyarrow as pa
@@ -15,6 +16,7 @@ import pyarrow as pa
 from rtml.settings import Settings
 
 TABLES = ("events", "features", "predictions")
+log = logging.getLogger(__name__)
 
 
 class LakehouseSink:
@@ -37,5 +39,10 @@ class LakehouseSink:
         return os.getpid()
 
     async def close(self) -> None:
-        for writer in self._writers.values():
-            await asyncio.to_thread(writer.close)
+        """Write what is buffered and stop. A write that failed earlier was reported to the consumer
+        waiting for it, which read those events again, so it is only logged here."""
+        for name, writer in self._writers.items():
+            try:
+                await asyncio.to_thread(writer.close)
+            except Exception as error:  # see above: nothing unreported is lost
+                log.warning("lakehouse sink: the %s writer reported a failed write while closing: %s", name, error)
