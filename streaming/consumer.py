@@ -122,6 +122,10 @@ class Counts:
     feature_windows: int = 0
     restarts_from_checkpoint: int = 0
     durable_latency_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    # The two parts of event-to-prediction latency: from available to read (waiting in the log and
+    # in the consumer's loop), per event; and the scoring round trip, per request.
+    read_delay_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    scoring_round_trip_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     # Where the loop's time went: waiting for scores or writes (settle), polling, routing and
     # windowing, handing rows to the sink; and the scoring round trips (score, which overlap the rest).
     seconds: dict = field(default_factory=dict)
@@ -203,7 +207,6 @@ class StreamConsumer:
 
     def stats(self) -> dict:
         counts = self._counts
-        latency = np.array(counts.durable_latency_s, dtype=np.float64)
         return {
             "index": self.spec.index,
             "partitions": list(self._source.partitions),
@@ -218,7 +221,9 @@ class StreamConsumer:
             "feature_windows": counts.feature_windows,
             "restarts_from_checkpoint": counts.restarts_from_checkpoint,
             "seconds": {stage: round(spent, 3) for stage, spent in dict(counts.seconds).items()},
-            "event_to_durable_s": {q: float(np.percentile(latency, q)) for q in (50, 99)} if len(latency) else {},
+            "event_to_durable_s": _percentiles(counts.durable_latency_s),
+            "read_delay_s": _percentiles(counts.read_delay_s),
+            "scoring_round_trip_s": _percentiles(counts.scoring_round_trip_s),
             "dead_letter_location": self._dead_letters.location,
             "checkpoint_location": self._checkpoints.location,
         }
@@ -248,6 +253,7 @@ class StreamConsumer:
         return all(self._read.get(i, 0) >= end for i, end in targets.items())
 
     def _process(self, batch) -> None:
+        self._counts.read_delay_s.extend((time.time() - batch.available_at).tolist())
         with self._timed("window"):
             routed = self._router.route(batch, self._source.partitions)
             metric_events = routed.metrics
@@ -334,6 +340,8 @@ class StreamConsumer:
             tables = {**pending.tables, "predictions": pa.concat_tables(scores.predictions) if scores.predictions else None}
             pending.write = self._sink.write.remote({name: rows for name, rows in tables.items() if rows is not None})
         self._counts.seconds["score"] = self._counts.seconds.get("score", 0.0) + scores.seconds
+        if scores.predictions or scores.refused:
+            self._counts.scoring_round_trip_s.append(scores.seconds)
         self._count(scored=sum(table.num_rows for table in scores.predictions), unscored=len(scores.refused), dead_letters=len(letters))
 
     def _settle(self) -> None:
@@ -425,6 +433,14 @@ class _ScoringUnavailable(RtmlError):
 
 class _WriteFailed(RtmlError):
     pass
+
+
+def _percentiles(samples: deque) -> dict[int, float]:
+    """p50 and p99 of latency samples in seconds; empty without samples."""
+    if not samples:
+        return {}
+    values = np.array(samples, dtype=np.float64)
+    return {q: float(np.percentile(values, q)) for q in (50, 99)}
 
 
 def _done(scores: _Scores) -> Future:
