@@ -63,6 +63,8 @@ class Figures:
     throughput_seconds: dict  # where the consumers' time went in (b), summed over consumers
     latency_seconds: dict  # the same in (c)
     throughput_cpu_s: dict  # CPU seconds of each kind of process of the Ray cluster during (b)
+    throughput_batch: float  # mean events per consumer batch in (b)
+    latency_batch: float  # the same in (c)
 
     @property
     def ratio(self) -> float:
@@ -271,12 +273,18 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
         ensemble_windows_per_s=ensemble_rate,
         throughput_seconds=_stage_seconds(throughput_stats),
         latency_seconds=_stage_seconds(stats),
+        throughput_batch=_mean_batch(throughput_stats),
+        latency_batch=_mean_batch(stats),
         throughput_cpu_s={name.removeprefix("ray::"): round(spent, 1) for name, spent in throughput_cpu.items() if spent >= 0.05},
     )
 
 
 def _worst_p99_ms(stats: list[dict], latency: str) -> float:
     return 1000 * max(s[latency][99] for s in stats if s[latency])
+
+
+def _mean_batch(stats: list[dict]) -> float:
+    return sum(s["read"] for s in stats) / max(1, sum(s["batches"] for s in stats))
 
 
 def _stage_seconds(stats: list[dict]) -> dict:
@@ -337,6 +345,7 @@ worst consumer: available in Kafka -> read {f.read_delay_p99_ms:,.0f} ms; one sc
 
 For scale: the ensemble's forward alone (RNN + CNN, the bench's models, in one process, one torch thread, batches of the consumers' poll size) scores {f.ensemble_windows_per_s:,.0f} windows/s.
 Where the consumers' time went (seconds, summed over consumers; `score` is the scoring round trips, which overlap the other stages): (b) {_stages(f.throughput_seconds)}; (c) {_stages(f.latency_seconds)}.
+Mean events per consumer batch: (b) {f.throughput_batch:,.0f}; (c) {f.latency_batch:,.0f}.
 CPU seconds spent during (b) ({f.events:,} events), by process: {_stages(f.throughput_cpu_s)}.
 """
 

@@ -113,6 +113,7 @@ class _Pending:
 @dataclass
 class Counts:
     read: int = 0
+    batches: int = 0  # polls that returned records
     scored: int = 0
     late: int = 0
     dropped: int = 0
@@ -212,6 +213,7 @@ class StreamConsumer:
             "partitions": list(self._source.partitions),
             "positions": {self._source.partitions[i]: p for i, p in dict(self._durable).items()},
             "read": counts.read,
+            "batches": counts.batches,
             "scored": counts.scored,
             "late": counts.late,
             "dropped": counts.dropped,
@@ -267,6 +269,7 @@ class StreamConsumer:
             self._submit(scoring, tables, _dead_letters(routed, self._source.partitions), len(batch), batch.next_positions(), scored_events.available_at)
         self._count(
             read=len(batch),
+            batches=1,
             late=int((windowed.status == LATE).sum()),
             dropped=int((windowed.status == DROPPED).sum()),
             landed=len(routed.landed),
