@@ -291,7 +291,9 @@ def run_ray_env(home: Path, ray_env: str, concurrencies: list[int], seconds: flo
     try:
         control.start_serve(settings)
         serve.run(
-            build_stock_app({v.key: v.artifact_uri for v in versions}, {v.key: v.ensemble_weight for v in versions}),
+            build_stock_app(
+                {v.key: v.artifact_uri for v in versions}, {v.key: v.ensemble_weight for v in versions}, settings.serving.ingress_replicas
+            ),
             name="stock",
             route_prefix="/stock",
         )
@@ -452,6 +454,9 @@ def main(seconds: float, concurrencies: list[int], ray_envs: list[str], binary_w
 
 
 def report(results: list[Measurement], command: str, load_before: tuple, load_after: tuple) -> str:
+    from rtml.settings import Settings
+
+    serving = Settings().serving
     profiles = [
         f"- {r.system}, {r.ray_env}, {r.form}, concurrency {r.concurrency}: "
         + ", ".join(f"{name.removeprefix('ray::')} {ms:.2f}" for name, ms in (r.cpu_by_process or {}).items())
@@ -464,6 +469,7 @@ def report(results: list[Measurement], command: str, load_before: tuple, load_af
             "",
             f"Command: `{command}`",
             f"Machine: {machine()}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared).",
+            f"Replicas: {serving.ingress_replicas} ingress replica(s) in both (b) and (c) (`serving.ingress_replicas`), one per model.",
             "",
             table(results),
             "",

@@ -4,8 +4,8 @@ performance guide, for `rtml bench serve` to compare rtml against.
 One deployment per model, each batching its calls with ``@serve.batch``; ``max_ongoing_requests``
 raised to fit the load; fractional CPUs so that everything fits on a small machine; a small FastAPI
 ingress that sends each request's windows to every model concurrently through deployment handles
-and combines the scores with the ensemble weights. Nothing rtml-specific: no router batching, no
-binary format, no lakehouse.
+and combines the scores with the ensemble weights, with as many replicas as rtml's Ingress has.
+Nothing rtml-specific: no router batching, no binary format, no lakehouse.
 """
 
 import asyncio
@@ -62,9 +62,10 @@ class EnsembleIngress:
         }
 
 
-def build_stock_app(models: dict[str, str], weights: dict[str, float]) -> serve.Application:
-    """The app for ``models`` (model key -> artifact URI) and their ensemble ``weights``."""
+def build_stock_app(models: dict[str, str], weights: dict[str, float], ingress_replicas: int = 1) -> serve.Application:
+    """The app for ``models`` (model key -> artifact URI) and their ensemble ``weights``, with as
+    many ingress replicas as the app it is compared with."""
     handles = {
         key: WindowModel.options(name=f"WindowModel_{index}").bind(uri) for index, (key, uri) in enumerate(models.items())
     }
-    return EnsembleIngress.bind(handles, weights)
+    return EnsembleIngress.options(num_replicas=ingress_replicas).bind(handles, weights)
