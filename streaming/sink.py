@@ -16,6 +16,7 @@ import pyarrow as pa
 from rtml.settings import Settings
 
 TABLES = ("events", "features", "predictions")
+SINK_NICENESS = 10
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +27,10 @@ class LakehouseSink:
     def __init__(self, settings: Settings):
         from lakehouse import Lakehouse
 
+        # Commits come in bursts of CPU work that only have to keep up, not be quick; on a busy
+        # machine they should not delay scoring, which the stream's latency is made of. Should the
+        # sink fall behind, back-pressure slows the consumers.
+        os.nice(SINK_NICENESS)
         self._lake = Lakehouse.open(settings)
         self._writers = {table: self._lake.writer(table) for table in TABLES}
 
