@@ -1,8 +1,9 @@
 """The whole stream path on real parts: Kafka (the test broker), consumer actors on Ray, the Serve
 app's ModelRouter with trained models, Iceberg tables on SQLite. Each test replays a fresh set of
-events and disturbs the run mid-way: kill -9 of a consumer, kill -9 of a model replica, a broker
-restart. Afterwards every valid event has exactly one prediction row, and bad records are dead
-letters with their reasons."""
+events, most of them disturbing the run mid-way: kill -9 of a consumer, of a model replica or of
+the lakehouse sink, a broker restart, a catalog that refuses commits for a while. Afterwards every
+valid event has exactly one prediction row, and bad records are dead letters with their reasons.
+Others take the paths less travelled: per-tenant topics, binary camera frames for the image model."""
 
 from __future__ import annotations
 
