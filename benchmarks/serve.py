@@ -1,6 +1,7 @@
 """`rtml bench serve`: one ensemble (an RNN and a CNN scorer of one tenant) measured three ways.
 
-(a) raw in-process torch: the ensemble's forward on batches, no serving at all (the limit);
+(a) raw in-process torch: the ensemble's forward on batches, no serving at all (the limit; its
+    batch sizes include rtml's ``serving.cpu_forward_windows``, the fastest per window here);
 (b) the stock Ray Serve app of ``benchmarks.serve_stock_app`` over HTTP;
 (c) rtml (``deployments.app``) over HTTP, predictions written to the lakehouse as in production.
 
@@ -342,11 +343,15 @@ def run(
     raw: bool = True,
     progress=print,
 ) -> list[Measurement]:
+    from rtml.settings import Settings
+
     home = home or Path(tempfile.mkdtemp(prefix="rtml-bench-serve-"))
     progress(f"the {TENANT!r} tenant's models under {home}")
     artifacts = prepare(home)
     results = []
-    for batch in sorted({*concurrencies, binary_windows} - {0}) if raw else ():
+    # rtml's own CPU forward size too, so that the limit (a) is the best forward rtml could use.
+    raw_batches = {*concurrencies, binary_windows, Settings().serving.cpu_forward_windows} - {0}
+    for batch in sorted(raw_batches) if raw else ():
         for workers in (1, 2):
             progress(f"(a) raw torch: batches of {batch}, {workers} thread(s)")
             results.append(measure_raw(artifacts, batch, workers, seconds))

@@ -145,6 +145,9 @@ class ServingSettings(BaseModel):
     router_replicas: int = 1
     # Torch threads per model replica (Serve replicas share the machine's cores).
     torch_threads: int = 1
+    # Most windows in one CPU forward of a model replica: per window, the bench's CNN costs 2.6x
+    # more in a forward of 512 windows than in one of 256 (cache), so bigger batches are split.
+    cpu_forward_windows: int = 256
     max_batch_size: int = 256
     # How long the Ingress waits to fill a batch of HTTP requests; later stages take what is queued.
     batch_wait_timeout_s: float = 0.002
