@@ -231,8 +231,10 @@ def test_a_model_replica_killed_mid_replay_loses_and_duplicates_nothing(produced
     replica = f"ServeReplica:{settings.serving.app_name}:ModelScorer_cnn"
 
     def kill_model_replica(pipeline) -> None:
-        # Ray titles a replica's process "ray::ServeReplica:<app>:<deployment>".
-        (pid,) = [p.pid for p in psutil.process_iter(["cmdline"]) if any(replica in part for part in p.info["cmdline"] or ())]
+        # Ray titles a replica's process "ray::ServeReplica:<app>:<deployment>". Only this session's
+        # Ray cluster, which runs under the test process: another test session may run the same app.
+        ours = psutil.Process().children(recursive=True)
+        (pid,) = [p.pid for p in ours if any(replica in part for part in _cmdline(p))]
         os.kill(pid, signal.SIGKILL)
 
     _, seen = _replay(settings, client, kill_model_replica)
@@ -348,6 +350,15 @@ def test_binary_frames_are_scored_by_the_image_model_on_the_stream_path(stack, k
     assert {row["data_type"] for row in frame_rows.values()} == {"image"}
     assert frame_rows[f"{run}.frame.4"]["payload"] == frames[4].tobytes()
     assert [value for value, _ in _dead_letters(settings)] == [MALFORMED[0]]  # the one _produce sent among these events
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:  # it ended meanwhile
+        return []
 
 
 def test_the_file_replay_survives_a_killed_consumer_and_keeps_late_and_bad_records_apart(stack, tmp_path):
