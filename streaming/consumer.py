@@ -49,6 +49,9 @@ from streaming.windowing import DROPPED, LATE, WindowState
 
 log = logging.getLogger(__name__)
 LAG_REFRESH_S = 1.0
+# Rows wait at most this long for their hand-over to the sink, which flushes every
+# lakehouse.writer_flush_seconds anyway; fewer, larger hand-overs leave the loop more time to read.
+HAND_OVER_EVERY_S = 0.1
 EXPORTED_OUTCOMES = ("scored", "late", "dropped", "unscored", "landed")
 LATENCY_SAMPLES = 200_000
 
@@ -156,6 +159,7 @@ class StreamConsumer:
         self._targets: dict[int, int] | None = None
         self._counts = Counts()
         self._lag_checked = 0.0
+        self._handed_over_at = 0.0
         self._ends: dict[int, int] = {}
         self._labels = {"group": spec.group}
         if self._streaming.metrics_port:
@@ -319,7 +323,7 @@ class StreamConsumer:
 
     def _wait_for_room(self) -> None:
         """Back-pressure: return once another batch may be read and sent for scoring."""
-        scoring = [pending.scoring for pending in self._in_flight if pending.write is None]
+        scoring = [pending.scoring for pending in self._in_flight if not pending.scoring.done()]
         if len(scoring) >= self._streaming.scoring_batches_in_flight:
             wait_for_futures(scoring, return_when=FIRST_COMPLETED)
         if self._in_flight_events >= self._streaming.max_in_flight_events:
@@ -340,6 +344,7 @@ class StreamConsumer:
         scored = [pending for pending in self._in_flight if pending.write is None and pending.scoring.done()]
         if not scored:
             return
+        self._handed_over_at = time.monotonic()
         with self._timed("hand_over"):
             scores: list[_Scores] = [pending.scoring.result() for pending in scored]  # scoring that kept failing raises here, ending the run
             letters = sorted(
@@ -364,9 +369,10 @@ class StreamConsumer:
         self._count(scored=predictions, unscored=sum(len(batch.refused) for batch in scores), dead_letters=len(letters))
 
     def _settle(self) -> None:
-        """Hand over every scored batch, and checkpoint behind every batch whose rows are durable,
-        oldest first."""
-        self._hand_over()
+        """Hand over the scored batches (every ``HAND_OVER_EVERY_S``), and checkpoint behind every
+        batch whose rows are durable, oldest first."""
+        if time.monotonic() - self._handed_over_at >= HAND_OVER_EVERY_S:
+            self._hand_over()
         settled: list[_Pending] = []
         while self._in_flight and self._in_flight[0].write is not None:
             head = self._in_flight[0]
