@@ -49,9 +49,6 @@ from streaming.windowing import DROPPED, LATE, WindowState
 
 log = logging.getLogger(__name__)
 LAG_REFRESH_S = 1.0
-# Rows wait at most this long for their hand-over to the sink, which flushes every
-# lakehouse.writer_flush_seconds anyway; fewer, larger hand-overs leave the loop more time to read.
-HAND_OVER_EVERY_S = 0.1
 EXPORTED_OUTCOMES = ("scored", "late", "dropped", "unscored", "landed")
 LATENCY_SAMPLES = 200_000
 
@@ -110,7 +107,7 @@ class _Pending:
     positions: dict[int, int]  # read positions of the touched partitions after this batch
     state: dict[int, tuple[pa.Table, pa.Table]]  # their window state after this batch
     available_at: np.ndarray  # of the events it scored
-    write: ray.ObjectRef | None = None  # once handed to the sink (shared by the batches handed over together)
+    write: ray.ObjectRef | None = None  # once handed to the sink
 
 
 @dataclass
@@ -159,7 +156,6 @@ class StreamConsumer:
         self._targets: dict[int, int] | None = None
         self._counts = Counts()
         self._lag_checked = 0.0
-        self._handed_over_at = 0.0
         self._ends: dict[int, int] = {}
         self._labels = {"group": spec.group}
         if self._streaming.metrics_port:
@@ -323,7 +319,7 @@ class StreamConsumer:
 
     def _wait_for_room(self) -> None:
         """Back-pressure: return once another batch may be read and sent for scoring."""
-        scoring = [pending.scoring for pending in self._in_flight if not pending.scoring.done()]
+        scoring = [pending.scoring for pending in self._in_flight if pending.write is None]
         if len(scoring) >= self._streaming.scoring_batches_in_flight:
             wait_for_futures(scoring, return_when=FIRST_COMPLETED)
         if self._in_flight_events >= self._streaming.max_in_flight_events:
@@ -334,45 +330,29 @@ class StreamConsumer:
         head = self._in_flight[0]
         if head.write is None:
             wait_for_futures([head.scoring])
-            self._hand_over()
+            self._hand_over(head)
         ray.wait([head.write], timeout=None)
 
-    def _hand_over(self) -> None:
-        """Send the rows of every batch scored since the last call to the sink in one call (and
-        their dead letters to theirs): each call costs the sink's actor a round trip and a
-        serialisation of its tables, so batches scored meanwhile share one."""
-        scored = [pending for pending in self._in_flight if pending.write is None and pending.scoring.done()]
-        if not scored:
-            return
-        self._handed_over_at = time.monotonic()
+    def _hand_over(self, pending: _Pending) -> None:
+        """Send a scored batch's rows to the sink (and its dead letters to theirs)."""
         with self._timed("hand_over"):
-            scores: list[_Scores] = [pending.scoring.result() for pending in scored]  # scoring that kept failing raises here, ending the run
-            letters = sorted(
-                [letter for pending, batch in zip(scored, scores) for letter in pending.letters + batch.refused],
-                key=lambda letter: (letter.partition, letter.offset),
-            )
+            scores: _Scores = pending.scoring.result()  # scoring that kept failing raises here, ending the run
+            letters = sorted(pending.letters + scores.refused, key=lambda letter: (letter.partition, letter.offset))
             if letters:
                 self._dead_letters.write(letters)
-            parts: dict[str, list[pa.Table]] = {}
-            for pending, batch in zip(scored, scores):
-                for name, rows in pending.tables.items():
-                    parts.setdefault(name, []).append(rows)
-                parts.setdefault("predictions", []).extend(batch.predictions)
-            write = self._sink.write.remote({name: pa.concat_tables(rows) for name, rows in parts.items() if rows})
-            for pending in scored:
-                pending.write = write
-        for batch in scores:
-            self._counts.seconds["score"] = self._counts.seconds.get("score", 0.0) + batch.seconds
-            if batch.predictions or batch.refused:
-                self._counts.scoring_round_trip_s.append(batch.seconds)
-        predictions = sum(table.num_rows for batch in scores for table in batch.predictions)
-        self._count(scored=predictions, unscored=sum(len(batch.refused) for batch in scores), dead_letters=len(letters))
+            tables = {**pending.tables, "predictions": pa.concat_tables(scores.predictions) if scores.predictions else None}
+            pending.write = self._sink.write.remote({name: rows for name, rows in tables.items() if rows is not None})
+        self._counts.seconds["score"] = self._counts.seconds.get("score", 0.0) + scores.seconds
+        if scores.predictions or scores.refused:
+            self._counts.scoring_round_trip_s.append(scores.seconds)
+        self._count(scored=sum(table.num_rows for table in scores.predictions), unscored=len(scores.refused), dead_letters=len(letters))
 
     def _settle(self) -> None:
-        """Hand over the scored batches (every ``HAND_OVER_EVERY_S``), and checkpoint behind every
-        batch whose rows are durable, oldest first."""
-        if time.monotonic() - self._handed_over_at >= HAND_OVER_EVERY_S:
-            self._hand_over()
+        """Hand over every scored batch, and checkpoint behind every batch whose rows are durable,
+        oldest first."""
+        for pending in self._in_flight:
+            if pending.write is None and pending.scoring.done():
+                self._hand_over(pending)
         settled: list[_Pending] = []
         while self._in_flight and self._in_flight[0].write is not None:
             head = self._in_flight[0]
