@@ -171,8 +171,8 @@ class Lakehouse:
             if then is None:
                 return current.schema().as_arrow().empty_table()
             snapshot_id = then.snapshot_id
-        elif snapshot_id is not None and current.snapshot_by_id(snapshot_id) is None:
-            raise LakehouseError(f"table {table!r} has no snapshot {snapshot_id} (it may have expired)")
+        else:
+            _require_snapshot(table, current, snapshot_id)
         condition = where
         if tenant is not None:
             condition = And(condition, EqualTo("tenant", tenant))
@@ -199,11 +199,10 @@ class Lakehouse:
         pinned to ``snapshot_id`` (the current snapshot by default) for batch jobs."""
         definition = table_def(table)
         current = self.table(table)
+        _require_snapshot(table, current, snapshot_id)
         if snapshot_id is None:
             snapshot = current.current_snapshot()
             snapshot_id = snapshot.snapshot_id if snapshot else None
-        elif current.snapshot_by_id(snapshot_id) is None:
-            raise LakehouseError(f"table {table!r} has no snapshot {snapshot_id} (it may have expired)")
         return iceberg_dataset(
             f"{self.namespace}.{definition.name}",
             self._catalog_kwargs(),
@@ -289,3 +288,9 @@ class Lakehouse:
         """Which catalog, catalog name and namespace this is (for messages and replica checks)."""
         uri = backend.catalog_properties(self.settings, self._all_settings.home_dir)["uri"]
         return f"{uri} (catalog {self.settings.catalog_name!r}, namespace {self.namespace!r})"
+
+
+def _require_snapshot(table: str, current: Table, snapshot_id: int | None) -> None:
+    """Time travel to a snapshot the table no longer (or never) had is an error naming both."""
+    if snapshot_id is not None and current.snapshot_by_id(snapshot_id) is None:
+        raise LakehouseError(f"table {table!r} has no snapshot {snapshot_id} (it may have expired)")
