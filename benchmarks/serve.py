@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import RESULTS_FILE, write_section
+
 RAY_ENVS = {
     "default": {},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
@@ -40,9 +42,6 @@ RAY_ENVS = {
 TENANT = "bench"
 KINDS = ("rnn", "cnn")
 WINDOW_LENGTH = 32
-RESULTS_FILE = Path(__file__).with_name("RESULTS.md")
-SECTION_BEGIN = "<!-- serving:begin -->"
-SECTION_END = "<!-- serving:end -->"
 
 
 @dataclass
@@ -410,18 +409,6 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, ray {ray.__version__}, torch {torch.__version__}"
 
 
-def write_section(text: str) -> None:
-    """Replace the serving section of RESULTS.md (other sections stay as they are)."""
-    current = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else "# Benchmark results\n"
-    block = f"{SECTION_BEGIN}\n{text.rstrip()}\n{SECTION_END}"
-    if SECTION_BEGIN in current and SECTION_END in current:
-        head, rest = current.split(SECTION_BEGIN, 1)
-        current = head + block + rest.split(SECTION_END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    RESULTS_FILE.write_text(current)
-
-
 def _child(argv: list[str]) -> None:
     home, ray_env, concurrencies, seconds, binary_windows, binary_concurrencies = argv
     results = run_ray_env(Path(home), ray_env, json.loads(concurrencies), float(seconds), int(binary_windows), json.loads(binary_concurrencies))
@@ -453,7 +440,7 @@ def main(seconds: float, concurrencies: list[int], ray_envs: list[str], binary_w
         command = "rtml bench serve --write " + " ".join(
             [f"--seconds {seconds:g}", *(f"--concurrency {c}" for c in concurrencies), *(f"--ray-env {e}" for e in ray_envs), f"--binary-windows {binary_windows}"]
         )
-        write_section(report(results, command, load, os.getloadavg()))
+        write_section("serving", report(results, command, load, os.getloadavg()))
         console.print(f"written to {RESULTS_FILE}")
     return results
 

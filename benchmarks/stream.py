@@ -21,23 +21,20 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import orjson
 
+from benchmarks.results import write_section
 from rtml.settings import Settings, get_settings
 
 TENANTS = ("bench-a", "bench-b")
 ENTITIES_PER_TENANT = 50
 KINDS = ("rnn", "cnn")
-RESULTS_FILE = Path(__file__).with_name("RESULTS.md")
-SECTION = re.compile(r"<!-- streaming:begin -->.*?<!-- streaming:end -->", re.DOTALL)
 
 
 @dataclass
@@ -63,6 +60,7 @@ class Figures:
     throughput_seconds: dict  # where the consumers' time went in (b), summed over consumers
     latency_seconds: dict  # the same in (c)
     throughput_cpu_s: dict  # CPU seconds of each kind of process of the Ray cluster during (b)
+    latency_cpu_s: dict  # the same during (c)
     throughput_batch: float  # mean events per consumer batch in (b)
     latency_batch: float  # the same in (c)
 
@@ -246,7 +244,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
         console.print(f"(c) rtml at {rate:g} events/s offered for {seconds:g} s")
         offered = for_run("latency")
         sent: list[int] = []
-        _, stats, _ = run_pipeline(offered, client, offered.kafka.consumer_group, during=lambda: sent.append(_offer(offered, f"{bench_id}-l", rate, seconds)))
+        _, stats, latency_cpu = run_pipeline(offered, client, offered.kafka.consumer_group, during=lambda: sent.append(_offer(offered, f"{bench_id}-l", rate, seconds)))
         offered_predictions, _, latency = _predictions(lake, f"{bench_id}-l")
     finally:
         ray.shutdown()
@@ -275,8 +273,13 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
         latency_seconds=_stage_seconds(stats),
         throughput_batch=_mean_batch(throughput_stats),
         latency_batch=_mean_batch(stats),
-        throughput_cpu_s={name.removeprefix("ray::"): round(spent, 1) for name, spent in throughput_cpu.items() if spent >= 0.05},
+        throughput_cpu_s=_by_process(throughput_cpu),
+        latency_cpu_s=_by_process(latency_cpu),
     )
+
+
+def _by_process(cpu: dict[str, float]) -> dict[str, float]:
+    return {name.removeprefix("ray::"): round(spent, 1) for name, spent in cpu.items() if spent >= 0.05}
 
 
 def _worst_p99_ms(stats: list[dict], latency: str) -> float:
@@ -347,19 +350,12 @@ For scale: the ensemble's forward alone (RNN + CNN, the bench's models, in one p
 Where the consumers' time went (seconds, summed over consumers; `score` is the scoring round trips, which overlap the other stages): (b) {_stages(f.throughput_seconds)}; (c) {_stages(f.latency_seconds)}.
 Mean events per consumer batch: (b) {f.throughput_batch:,.0f}; (c) {f.latency_batch:,.0f}.
 CPU seconds spent during (b) ({f.events:,} events), by process: {_stages(f.throughput_cpu_s)}.
+CPU seconds spent during (c) ({f.offered_events:,} events offered over {f.offered_events / f.offered_rate:g} s), by process: {_stages(f.latency_cpu_s)}.
 """
 
 
 def _stages(seconds: dict) -> str:
     return ", ".join(f"{stage} {spent:g}" for stage, spent in seconds.items())
-
-
-def write_section(text: str) -> None:
-    """Replace the streaming section of RESULTS.md, leaving the other sections as they are."""
-    block = f"<!-- streaming:begin -->\n{text.rstrip()}\n<!-- streaming:end -->"
-    current = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else "# Benchmark results\n"
-    updated = SECTION.sub(lambda _: block, current) if SECTION.search(current) else current.rstrip() + "\n\n" + block + "\n"
-    RESULTS_FILE.write_text(updated)
 
 
 def main(events: int, rate: float, seconds: float, consumers: int, write: bool, console) -> Figures:
@@ -369,5 +365,5 @@ def main(events: int, rate: float, seconds: float, consumers: int, write: bool, 
     console.print(text)
     console.print(json.dumps(asdict(figures), indent=1))
     if write:
-        write_section(text)
+        write_section("streaming", text)
     return figures
