@@ -72,6 +72,18 @@ def bench_stream(
     stream_benchmark(events, rate, seconds, consumers, write, Console())
 
 
+@bench_app.command("lakehouse")
+def bench_lakehouse(
+    commits: int = typer.Option(600, help="Idempotent appends to make, one after another."),
+    rows: int = typer.Option(2000, help="Event rows per append."),
+    write: bool = typer.Option(False, "--write", help="Write the figures into benchmarks/RESULTS.md."),
+) -> None:
+    """The cost of one idempotent append as a table's snapshot history grows."""
+    from benchmarks.lakehouse import main as lakehouse_benchmark
+
+    lakehouse_benchmark(commits, rows, write, Console())
+
+
 def main() -> None:
     console = Console(stderr=True)
     try:
