@@ -21,7 +21,9 @@ always sees other writers' commits.
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -37,13 +39,14 @@ from lakehouse import catalog as backend
 from lakehouse import erasure, maintenance, replication
 from lakehouse.datasets import iceberg_dataset
 from lakehouse.blobs import offload_large_payloads, read_blob
+from lakehouse.commits import retry_on_conflict
 from lakehouse.erasure import ErasureReport
 from lakehouse.errors import LakehouseError
 from lakehouse.features import FeatureStore, with_feature_ids
 from lakehouse.maintenance import MaintenanceReport
 from lakehouse.registry import ModelRegistry
 from lakehouse.replication import ReplicationReport
-from lakehouse.snapshots import SnapshotInfo, history
+from lakehouse.snapshots import Expiry, Retention, SnapshotInfo, expire, history
 from lakehouse.tables import AUDIT, EVENTS, FEATURES, PREDICTIONS, Rows, table_def, time_literal, to_arrow
 from lakehouse.writer import BatchingWriter, append_idempotent
 from rtml.schemas import ModelVersion, new_id, utc_now
@@ -51,6 +54,9 @@ from rtml.settings import LakehouseSettings, Settings, get_settings
 
 if TYPE_CHECKING:
     import ray.data
+
+# A long-lived writer applies the snapshot retention after this many of its writes (each a commit).
+RETENTION_EVERY_WRITES = 20
 
 
 @dataclass
@@ -75,7 +81,7 @@ class Lakehouse:
         """Connect to the configured catalog, creating the namespace and any missing table."""
         settings = settings or get_settings()
         catalog = backend.open_catalog(settings.lakehouse, settings.home_dir)
-        backend.ensure_tables(catalog, settings.lakehouse.namespace)
+        backend.ensure_tables(catalog, settings.lakehouse.namespace, settings.lakehouse.commit_retries)
         return cls(settings, catalog)
 
     def table(self, name: str) -> Table:
@@ -95,14 +101,57 @@ class Lakehouse:
         return self._append_prepared(table, self._prepare(table, rows), key)
 
     def writer(self, table: str, key: str | None = None) -> BatchingWriter:
-        """A background batching writer for one table; ``close()`` it (or use ``with``)."""
+        """A background batching writer for one table; ``close()`` it (or use ``with``). Every
+        ``RETENTION_EVERY_WRITES`` writes it also expires what the snapshot retention lets go, so
+        that a long-lived writer (a stream's sink, the serving sink) keeps the table's history, and
+        with it the cost of each commit, bounded."""
+        writes = itertools.count(1)
+
+        def keep_history_bounded() -> None:
+            if next(writes) % RETENTION_EVERY_WRITES == 0:
+                self.expire_snapshots(table)
+
         return BatchingWriter(
             name=table,
             convert=lambda rows: self._prepare(table, rows),
             write=lambda batch: self._append_prepared(table, batch, key),
             batch_rows=self.settings.writer_batch_rows,
             flush_seconds=self.settings.writer_flush_seconds,
+            after_write=keep_history_bounded,
         )
+
+    def pin_snapshot(self, table: str, snapshot_id: int, tag: str) -> None:
+        """Keep a snapshot readable beyond the retention, under the Iceberg tag ``tag`` (e.g. the
+        data a model is trained on, for lineage); erasure still expires it if it holds an erased
+        subject."""
+        name = table_def(table).name
+
+        def tag_it() -> None:
+            current = self.table(name)
+            _require_snapshot(name, current, snapshot_id)
+            with current.manage_snapshots() as managing:
+                managing.create_tag(snapshot_id, tag)
+
+        retry_on_conflict(name, self.settings.commit_retries, tag_it)
+
+    def unpin_snapshot(self, table: str, tag: str) -> None:
+        """Let the retention have the snapshot tagged ``tag`` again (no tag of that name: nothing)."""
+        name = table_def(table).name
+
+        def untag_it() -> None:
+            current = self.table(name)
+            if tag in current.metadata.refs:
+                with current.manage_snapshots() as managing:
+                    managing.remove_tag(tag)
+
+        retry_on_conflict(name, self.settings.commit_retries, untag_it)
+
+    def expire_snapshots(self, table: str, retention_hours: float | None = None) -> Expiry:
+        """Expire the snapshots of ``table`` that the retention (settings; another age limit if
+        given) lets go, and the files only they referenced."""
+        name = table_def(table).name
+        kept_by = Retention.of(self.settings, retention_hours)
+        return expire(lambda: self.table(name), name, lambda current: kept_by.expired(current, int(time.time() * 1000)), self.settings.commit_retries)
 
     def audit(
         self,
@@ -134,8 +183,7 @@ class Lakehouse:
             return with_feature_ids(rows)
         prepared = to_arrow(definition, rows)
         if definition is EVENTS:
-            events = self.table(EVENTS.name)
-            prepared = offload_large_payloads(prepared, events.io, events.location(), self.settings.inline_payload_max_bytes)
+            prepared = offload_large_payloads(prepared, lambda: self.table(EVENTS.name), self.settings.inline_payload_max_bytes)
         return prepared
 
     def _append_prepared(self, table: str, rows: pa.Table, key: str | None) -> int:

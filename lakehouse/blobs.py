@@ -6,22 +6,27 @@ rather than leaving a second copy, and erasure can find it from the row's ``payl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.io import FileIO
+from pyiceberg.table import Table
 
 
 def blob_uri(table_location: str, tenant: str, event_id: str) -> str:
     return f"{table_location.rstrip('/')}/blobs/{quote(tenant, safe='')}/{quote(event_id, safe='')}"
 
 
-def offload_large_payloads(rows: pa.Table, io: FileIO, table_location: str, inline_max_bytes: int) -> pa.Table:
-    """Write payloads over ``inline_max_bytes`` as blobs; their rows keep only ``payload_uri``."""
+def offload_large_payloads(rows: pa.Table, events_table: Callable[[], Table], inline_max_bytes: int) -> pa.Table:
+    """Write payloads over ``inline_max_bytes`` as blobs; their rows keep only ``payload_uri``.
+    ``events_table`` (where blobs go) is loaded only when there is one to write."""
     large = pc.fill_null(pc.greater(pc.binary_length(rows["payload"]), inline_max_bytes), False)
     if not pc.any(large).as_py():
         return rows
+    table = events_table()
+    io, table_location = table.io, table.location()
     payloads = rows["payload"].to_pylist()
     uris = rows["payload_uri"].to_pylist()
     for index in pc.indices_nonzero(large).to_pylist():

@@ -10,6 +10,7 @@ which one is in use.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -18,6 +19,7 @@ from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.table import Table
 
+from lakehouse.commits import retry_on_conflict
 from lakehouse.errors import LakehouseError, TableMetadataError
 from lakehouse.tables import TABLE_PROPERTIES, TABLES
 from rtml.settings import LakehouseSettings
@@ -32,6 +34,12 @@ _METADATA_READ_ERRORS = (
     ValidationError,
     MetadataValidationError,
 )
+
+
+log = logging.getLogger(__name__)
+
+# Table properties that only table creation can set.
+_FIXED_AT_CREATION = {"format-version"}
 
 
 def catalog_properties(settings: LakehouseSettings, home: Path) -> dict[str, str]:
@@ -63,8 +71,9 @@ def open_catalog(settings: LakehouseSettings, home: Path) -> Catalog:
         ) from error
 
 
-def ensure_tables(catalog: Catalog, namespace: str) -> None:
-    """Create the namespace and any missing table; safe when several processes do it at once."""
+def ensure_tables(catalog: Catalog, namespace: str, commit_retries: int) -> None:
+    """Create the namespace and any missing table, and give existing tables the current
+    ``TABLE_PROPERTIES``; safe when several processes do it at once."""
     catalog.create_namespace_if_not_exists(namespace)
     existing = {identifier[-1] for identifier in catalog.list_tables(namespace)}
     for table in TABLES.values():
@@ -75,6 +84,23 @@ def ensure_tables(catalog: Catalog, namespace: str) -> None:
                 partition_spec=table.partition_spec(),
                 properties=TABLE_PROPERTIES,
             )
+        else:
+            try:
+                retry_on_conflict(table.name, commit_retries, lambda name=table.name: _update_properties(catalog, namespace, name))
+            except TableMetadataError as error:  # the tables that can be read stay usable; this one fails where it is used
+                log.warning("%s", error)
+
+
+def _update_properties(catalog: Catalog, namespace: str, name: str) -> None:
+    current = load_table(catalog, namespace, name)
+    changed = {
+        key: value
+        for key, value in TABLE_PROPERTIES.items()
+        if key not in _FIXED_AT_CREATION and current.properties.get(key) != value
+    }
+    if changed:
+        with current.transaction() as updating:
+            updating.set_properties(changed)
 
 
 def load_table(catalog: Catalog, namespace: str, name: str) -> Table:

@@ -7,6 +7,12 @@ catalog's requirement check). A writer that loses the race gets ``CommitFailedEx
 rewrite). Every write in this package is written as one unit of work that starts from fresh table
 metadata, so the answer to a lost race is always the same: run the whole unit again, a bounded
 number of times, with jittered exponential back-off so that racing writers spread out.
+
+Appends go through ``transaction(table)``: pyiceberg 0.12 rebuilds (and deep-copies) the whole table
+metadata, every retained snapshot included, each time a transaction's ``table_metadata`` is read,
+about twenty times per append, so an append's cost grew with the table's history
+(apache/iceberg-python#3784, "cache Transaction.table_metadata between reads", not in a release
+yet). The transaction here builds it once per staged state instead; nothing else changes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
+from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.table.update import update_table_metadata
 from sqlalchemy.exc import OperationalError
 from tenacity import (
     RetryCallState,
@@ -55,3 +64,24 @@ def retry_on_conflict(table: str, attempts: int, unit: Callable[[], T]) -> T:
         before_sleep=before_sleep_log(log, logging.INFO),
     )
     return retrying(unit)
+
+
+class _MetadataOnceTransaction(Transaction):
+    """A ``Transaction`` whose ``table_metadata`` is rebuilt only when the staged updates or the
+    table's own metadata changed. Both are immutable and replaced on every change (the updates are
+    a tuple, the metadata a frozen model), so holding the ones it was built from and comparing
+    identities is exact."""
+
+    _built: tuple[TableMetadata, tuple, TableMetadata] | None = None
+
+    @property
+    def table_metadata(self) -> TableMetadata:
+        built = self._built
+        if built is None or built[0] is not self._table.metadata or built[1] is not self._updates:
+            built = self._built = (self._table.metadata, self._updates, update_table_metadata(self._table.metadata, self._updates))
+        return built[2]
+
+
+def transaction(table: Table) -> Transaction:
+    """A transaction on ``table`` (commit it with ``with``) that builds the metadata once per staged state."""
+    return _MetadataOnceTransaction(table)

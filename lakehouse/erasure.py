@@ -8,7 +8,9 @@ For each table with a ``subject`` column:
 3. every retained snapshot that still references a data file holding the subject is expired, and
    the files only those snapshots referenced (data files, manifests, manifest lists) are deleted,
    so time travel cannot reach the rows either, nor can a reader holding an old metadata file.
-   Finding those snapshots reads the ``subject`` column of each distinct data file once;
+   Snapshots pinned by a tag (``Lakehouse.pin_snapshot``: a model's training data) are no
+   exception: their tags are dropped first, and the audit row names them. Finding those snapshots
+   reads the ``subject`` column of each distinct data file once;
 4. one ``audit`` row per table records who erased what and when, naming the subject only by its
    SHA-256 digest so the audit trail itself holds no personal data.
 
@@ -104,7 +106,7 @@ def _erase_from(lakehouse: Lakehouse, table: TableDef, subject: str, digest: str
             if any(_file_holds(current, path, subject, holds_subject) for path in data_files_of(current, snapshot))
         ]
 
-    expiry = expire(load, table.name, snapshots_holding_subject, lakehouse.settings.commit_retries)
+    expiry = expire(load, table.name, snapshots_holding_subject, lakehouse.settings.commit_retries, drop_tags=True)
     lakehouse.audit(
         actor=actor,
         action="erase",
@@ -116,6 +118,7 @@ def _erase_from(lakehouse: Lakehouse, table: TableDef, subject: str, digest: str
             "expired_snapshot_ids": list(expiry.expired_snapshot_ids),
             "files_deleted": expiry.deleted_files,
             "blobs_deleted": len(blobs),
+            "tags_dropped": list(expiry.dropped_tags),
         },
     )
     return TableErasure(table.name, removed, len(expiry.expired_snapshot_ids), expiry.deleted_files, len(blobs))

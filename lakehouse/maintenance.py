@@ -7,13 +7,15 @@ sorted by time so that range scans prune well). It re-reads the partition in the
 work that commits, so a concurrent append to the partition makes the commit fail and the unit run
 again instead of being overwritten (``lakehouse.commits``).
 
-Expiry removes snapshots older than the retention and the files only they referenced
-(``lakehouse.snapshots.expire``); the current snapshot is always kept.
+Expiry removes the snapshots the retention lets go (``lakehouse.snapshots.Retention``: all older
+than ``snapshot_retention_hours``, and younger ones thinned) and the files only they referenced; the
+current snapshot and tagged ones are always kept. Long-lived writers apply the same retention as
+they go (``Lakehouse.writer``), so that a stream's tables do not pile up snapshots between runs of
+this.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +27,6 @@ from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOr
 from pyiceberg.table import Table
 
 from lakehouse.commits import retry_on_conflict
-from lakehouse.snapshots import expire
 from lakehouse.tables import TABLES, TableDef, time_literal
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ class MaintenanceReport:
 
 def maintain(lakehouse: Lakehouse, retention_hours: float | None = None) -> list[MaintenanceReport]:
     settings = lakehouse.settings
-    hours = settings.snapshot_retention_hours if retention_hours is None else retention_hours
     reports = []
     for table in TABLES.values():
 
@@ -53,13 +53,7 @@ def maintain(lakehouse: Lakehouse, retention_hours: float | None = None) -> list
 
         before = _data_file_count(load())
         compacted = compact(load, table, settings.compaction_min_files, settings.compaction_small_file_bytes, settings.commit_retries)
-        cutoff_ms = int((time.time() - hours * 3600) * 1000)  # after compaction, so it can expire what that replaced
-        expiry = expire(
-            load,
-            table.name,
-            lambda current, cutoff_ms=cutoff_ms: [s.snapshot_id for s in current.snapshots() if s.timestamp_ms < cutoff_ms],
-            settings.commit_retries,
-        )
+        expiry = lakehouse.expire_snapshots(table.name, retention_hours)  # after compaction, so it can expire what that replaced
         reports.append(
             MaintenanceReport(
                 table.name, before, _data_file_count(load()), compacted, len(expiry.expired_snapshot_ids), expiry.deleted_files

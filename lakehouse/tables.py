@@ -45,13 +45,17 @@ SUBJECT = "subject"
 
 # Our writers re-check keys after a conflict themselves (lakehouse.writer), so pyiceberg must not
 # silently re-apply a stale batch on its own; old metadata files are dropped so that an erased
-# subject's snapshots do not linger in metadata history.
+# subject's snapshots do not linger in metadata history. Appends merge the manifests once enough
+# have gathered (pyiceberg's merge append; fast appends added one manifest per commit for ever, and
+# every scan, the writers' key check included, reads them all). ``format-version`` is fixed at
+# creation; ``catalog.ensure_tables`` brings the others up to date on existing tables.
 TABLE_PROPERTIES = {
     "format-version": "2",
     "commit.retry.num-retries": "0",
     f"write.metadata.metrics.column.{SUBJECT}": "none",
     "write.metadata.delete-after-commit.enabled": "true",
     "write.metadata.previous-versions-max": "20",
+    "commit.manifest-merge.enabled": "true",
 }
 
 

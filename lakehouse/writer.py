@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, BooleanExpression, GreaterThanOrEqual, In, LessThanOrEqual
 from pyiceberg.table import Table
 
-from lakehouse.commits import retry_on_conflict
+from lakehouse.commits import retry_on_conflict, transaction
 from lakehouse.errors import LakehouseError
 from lakehouse.tables import TableDef, time_literal
 
@@ -69,7 +69,8 @@ def append_idempotent(load: Callable[[], Table], table: TableDef, rows: pa.Table
         held = existing_keys(current, table, rows, key)
         fresh = rows.filter(pc.invert(pc.is_in(rows[key], value_set=held))) if len(held) else rows
         if fresh.num_rows:
-            current.append(fresh)
+            with transaction(current) as appending:
+                appending.append(fresh)
         return fresh.num_rows
 
     return retry_on_conflict(table.name, attempts, unit)
@@ -122,6 +123,8 @@ class BatchingWriter:
     in the lakehouse, or fails with the write's error. Stream consumers commit their offsets only
     after that future (or ``flush()``) has completed. A buffer is written when it holds
     ``batch_rows`` rows or its oldest rows are ``flush_seconds`` old, whichever comes first.
+    ``after_write`` (table upkeep) runs in the writer's thread once a write's futures are resolved,
+    so nobody waits for it.
     """
 
     def __init__(
@@ -131,10 +134,12 @@ class BatchingWriter:
         write: Callable[[pa.Table], int],
         batch_rows: int,
         flush_seconds: float,
+        after_write: Callable[[], None] | None = None,
     ):
         self.name = name
         self._convert = convert
         self._write = write
+        self._after_write = after_write
         self._batch_rows = max(1, batch_rows)
         self._flush_seconds = max(0.0, flush_seconds)
         self._queue: queue.Queue = queue.Queue()
@@ -220,3 +225,8 @@ class BatchingWriter:
             return
         for _, future in pending:
             future.set_result(None)
+        if self._after_write is not None:
+            try:
+                self._after_write()
+            except Exception:  # upkeep only: the rows are durable, the next write tries again
+                log.exception("lakehouse writer %s: the upkeep after a write failed", self.name)

@@ -1,8 +1,9 @@
 """`rtml train`: train a tenant's forecaster from the lakehouse as a Ray job and register it as a
 candidate version.
 
-1. Read the tenant's metric events with Ray Data (``ray.data.read_iceberg``) at one pinned
-   ``events`` snapshot (recorded as lineage) and cut each entity's series at one instant: the last
+1. Read the tenant's metric events with Ray Data (``ray.data.read_iceberg``) at one ``events``
+   snapshot, recorded as lineage and pinned by an Iceberg tag (``rtml-training-<name>-<run>``) so
+   that the snapshot retention keeps it, and cut each entity's series at one instant: the last
    ``holdout_fraction`` of the tenant's time range is held out for evaluation.
 2. The training windows become a Ray Dataset that Ray Train's ``TorchTrainer`` shards over
    ``train.num_workers`` workers (GPUs when ``train.use_gpu``), each reading batches from its shard.
@@ -16,6 +17,7 @@ Runs the same in-process (a local Ray is started) or under ``ray job submit -- r
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -36,9 +38,10 @@ FEATURE_SET_VERSION = "raw-metric-values"
 WEIGHTS_FILE = "model.pt"
 
 
-def read_series(lakehouse, tenant: str) -> tuple[dict[str, pa.Table], int]:
+def read_series(lakehouse, tenant: str, pin_as: str) -> tuple[dict[str, pa.Table], int]:
     """Each entity's metric events (event_time, value), oldest first, and the snapshot read. The
-    rows are read by Ray Data tasks (``ray.data.read_iceberg``) pinned to that snapshot."""
+    rows are read by Ray Data tasks (``ray.data.read_iceberg``) at that snapshot, which is pinned
+    first under the tag ``pin_as``, so that the lakehouse's retention keeps it for lineage."""
     import ray
     from ray.data.expressions import col
 
@@ -46,6 +49,7 @@ def read_series(lakehouse, tenant: str) -> tuple[dict[str, pa.Table], int]:
     if not snapshots:
         raise RtmlError("the lakehouse has no events yet; ingest some (e.g. `rtml demo`) before training")
     snapshot_id = snapshots[-1].snapshot_id
+    lakehouse.pin_snapshot("events", snapshot_id, pin_as)
     metric_values = (col("data_type") == DataType.METRIC.value) & col("value").is_not_null()
     dataset = lakehouse.dataset(
         "events", tenant=tenant, snapshot_id=snapshot_id, columns=("entity", "event_time", "value")
@@ -187,13 +191,27 @@ def train_candidate(
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     on_step("reading events")
     lakehouse = Lakehouse.open(settings)
-    entities, snapshot_id = read_series(lakehouse, tenant)
+    run_id = uuid.uuid4().hex[:12]
+    name = f"{tenant}-{kind}"
+    pin = f"rtml-training-{name}-{run_id}"
+    try:
+        return _train_and_register(lakehouse, tenant, kind, name, run_id, pin, settings, epochs, on_step)
+    except BaseException:
+        # A run that registers nothing keeps no snapshot; should even that fail, the run's own error
+        # is the one to report (a leftover tag only keeps one snapshot).
+        with contextlib.suppress(Exception):
+            lakehouse.unpin_snapshot("events", pin)
+        raise
+
+
+def _train_and_register(
+    lakehouse, tenant: str, kind: str, name: str, run_id: str, pin: str, settings: Settings, epochs: int, on_step: Callable[[str], None]
+) -> ModelVersion:
+    entities, snapshot_id = read_series(lakehouse, tenant, pin_as=pin)
     train_series, held_out, event_count = split_by_time(
         entities, settings.train.holdout_fraction, settings.models.window_length - 1
     )
     training = forecaster_training_set(train_series, settings.models.window_length)
-    run_id = uuid.uuid4().hex[:12]
-    name = f"{tenant}-{kind}"
     on_step(f"training on {len(training.targets)} windows")
     network, train_metrics = _fit_with_ray_train(kind, training, settings, epochs, f"{name}-{run_id}")
     on_step("evaluating")

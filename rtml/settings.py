@@ -56,7 +56,12 @@ class LakehouseSettings(BaseModel):
     catalog_uri: str = ""
     warehouse: str = ""
     namespace: str = "rtml"
+    # Snapshots younger than the retention are kept for time travel: the newest snapshot_keep_recent
+    # one by one, older ones thinned to the newest per snapshot_thin_seconds (lakehouse.snapshots).
+    # Long-lived writers apply it as they go; `rtml lakehouse maintain` does too.
     snapshot_retention_hours: float = 24.0 * 7
+    snapshot_keep_recent: int = Field(default=100, ge=0)
+    snapshot_thin_seconds: float = Field(default=3600.0, gt=0)
     writer_batch_rows: int = 5000
     writer_flush_seconds: float = 1.0
     commit_retries: int = 8

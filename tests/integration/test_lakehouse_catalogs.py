@@ -4,6 +4,7 @@ and warehouse folder, so tests never see each other's tables."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -122,6 +123,31 @@ def test_batching_writer_makes_rows_durable_by_flush_and_rejects_bad_rows_at_sub
         assert lake.read("events").num_rows == 100
         writer.submit(events(5, start=100)).result(timeout=60)  # due after flush_seconds on its own
     assert lake.read("events").num_rows == 105
+
+
+def test_a_long_lived_writer_keeps_the_history_bounded_but_pinned_snapshots_readable(make_settings):
+    from lakehouse.api import RETENTION_EVERY_WRITES
+
+    settings = make_settings()
+    keep = 3
+    lake = Lakehouse.open(settings.model_copy(update={"lakehouse": settings.lakehouse.model_copy(update={"snapshot_keep_recent": keep})}))
+    with lake.writer("events") as writer:
+        writer.submit(events(10)).result(timeout=60)
+        pinned = lake.snapshots("events")[-1].snapshot_id
+        lake.pin_snapshot("events", pinned, "rtml-training-test")
+        for start in range(10, 10 * (2 * RETENTION_EVERY_WRITES + 1), 10):
+            writer.submit(events(10, start=start))
+            writer.flush()
+
+    retained = [snapshot.snapshot_id for snapshot in lake.snapshots("events")]
+    assert len(retained) <= keep + 1 + RETENTION_EVERY_WRITES  # what it kept, the pin, the writes since
+    assert len(retained) < 2 * RETENTION_EVERY_WRITES + 1, "the writer expired nothing"
+    assert pinned in retained
+    assert lake.read("events", snapshot_id=pinned).num_rows == 10
+    assert lake.read("events").num_rows == 10 * (2 * RETENTION_EVERY_WRITES + 1)
+    lake.unpin_snapshot("events", "rtml-training-test")
+    assert lake.expire_snapshots("events", retention_hours=0).expired_snapshot_ids
+    assert [snapshot.snapshot_id for snapshot in lake.snapshots("events")] == [retained[-1]]
 
 
 def test_large_binary_payloads_are_kept_as_blobs_and_read_back(lake):
@@ -327,6 +353,7 @@ def parquet_files_holding(folder: Path, subject: str) -> list[Path]:
 
 def test_erasure_leaves_no_trace_in_current_data_snapshots_or_files_and_is_audited(lake, make_settings):
     write_everything_about(lake, "alice", offset=0)
+    lake.pin_snapshot("events", lake.snapshots("events")[-1].snapshot_id, "rtml-training-acme-rnn-1")  # a model trained on her data
     write_everything_about(lake, "bob", offset=100)
     [blob_uri] = lake.read("events", where=And(EqualTo("subject", "alice"), NotNull("payload_uri")))["payload_uri"].to_pylist()
 
@@ -354,6 +381,9 @@ def test_erasure_leaves_no_trace_in_current_data_snapshots_or_files_and_is_audit
     assert sorted(audit["table_name"].to_pylist()) == sorted(WITH_SUBJECT)
     assert set(audit["actor"].to_pylist()) == {"dpo@example.com"}
     assert set(audit["row_filter"].to_pylist()) == {f"subject {report.subject_digest}"}
+    [events_erasure] = audit.filter(pc.equal(audit["table_name"], "events")).to_pylist()
+    assert json.loads(events_erasure["details"])["tags_dropped"] == ["rtml-training-acme-rnn-1"]
+    assert "rtml-training-acme-rnn-1" not in lake.table("events").metadata.refs
     assert "alice" not in str(lake.read("audit").to_pylist())
 
 

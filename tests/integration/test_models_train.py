@@ -38,6 +38,9 @@ def test_train_registers_a_candidate_with_holdout_metrics(ray_cluster, settings)
 
     assert model.status == ModelStatus.CANDIDATE and model.version == 1 and model.name == "acme-cnn"
     assert model.training_snapshot_ids["events"] == lakehouse.snapshots("events")[-1].snapshot_id
+    # The snapshot it learnt from stays readable whatever the retention expires (lineage).
+    pins = {name: ref.snapshot_id for name, ref in lakehouse.table("events").metadata.refs.items() if name.startswith("rtml-training-acme-cnn-")}
+    assert list(pins.values()) == [model.training_snapshot_ids["events"]]
     # 20% of 300 minutes per entity are held out, each with 15 values of context: 2 * (60 + 15 - 16 + 1).
     assert model.metrics["holdout_windows"] == 120
     assert model.metrics["events"] == 600
@@ -55,3 +58,4 @@ def test_train_names_a_tenant_without_events(ray_cluster, settings):
     lakehouse.append_idempotent("events", metric_events("acme", "pump-1", 50, 0))
     with pytest.raises(RtmlError, match="'nobody' has no metric events"):
         train_candidate("nobody", "rnn", settings)
+    assert list(lakehouse.table("events").metadata.refs) == ["main"], "a failed run keeps no snapshot pinned"
