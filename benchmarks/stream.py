@@ -195,6 +195,7 @@ def machine() -> str:
 def run(events: int, rate: float, seconds: float, consumers: int, console) -> Figures:
     import ray
 
+    from deployments.control import throughput_environment
     from streaming.cli import deploy_scoring
     from streaming.scoring import warm_up
     from streaming.sources.kafka import ensure_topics, events_topic
@@ -234,7 +235,9 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
     from lakehouse import Lakehouse
 
     lake = Lakehouse.open(settings)
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray_env = throughput_environment(settings)
+    host += f", Ray Serve in its {'throughput-optimised' if ray_env else 'default'} mode"
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": ray_env})
     try:
         client = deploy_scoring(settings)
         warm_up(client, list(TENANTS), settings.models.window_length)

@@ -170,12 +170,17 @@ class LocalCluster:
     notes: list[str]
 
 
+def throughput_environment(settings: Settings) -> dict[str, str]:
+    """Serve's throughput-optimised mode (gRPC between replicas, user code on each replica's event
+    loop; measured in benchmarks/RESULTS.md) for the processes of a Ray cluster about to start:
+    in its environment when Ray starts, or it does not apply."""
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} if settings.serving.throughput_optimized else {}
+
+
 def cluster_environment(settings: Settings, notes: list[str]) -> dict[str, str]:
-    """Serve's throughput options for the processes of a cluster this module starts (measured in
-    benchmarks/RESULTS.md); HAProxy only where its binary is there or can be installed."""
-    env = {}
-    if settings.serving.throughput_optimized:
-        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    """Serve's throughput options for the processes of a cluster this module starts;
+    HAProxy only where its binary is there or can be installed."""
+    env = throughput_environment(settings)
     if settings.serving.haproxy:
         problem = ensure_haproxy()
         if problem:

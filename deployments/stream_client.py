@@ -6,18 +6,26 @@
 
 The handle is looked up where the client is used, on first use, so that a consumer actor's
 constructor arguments stay a few kilobytes (Ray keeps those inline, and restarts need them).
+
+Consumers score from plain threads, while a handle in Serve's throughput-optimised mode
+(``RAY_SERVE_THROUGHPUT_OPTIMIZED``, which halves the CPU of each hop, benchmarks/RESULTS.md) routes
+on the event loop it is used from and refuses to work outside one. So the client keeps one event
+loop of its own in a daemon thread and every call goes through it; in Serve's default mode that
+costs a thread hop and nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
-from functools import cached_property
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.app import ROUTER
-from deployments.records import ScoreRequest, ScoreResult
+from deployments.records import Rejection, ScoreRequest, ScoreResult
 from streaming.scoring import Refusal, ScoredWindows, WindowBatch
 
 
@@ -25,13 +33,15 @@ class RouterEnsembleClient:
     def __init__(self, app_name: str, timeout_s: float = 30.0):
         self._app_name = app_name
         self._timeout_s = timeout_s
+        self._started = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._router: DeploymentHandle | None = None
 
     def __getstate__(self) -> dict:
-        return {"_app_name": self._app_name, "_timeout_s": self._timeout_s}
+        return {"app_name": self._app_name, "timeout_s": self._timeout_s}
 
-    @cached_property
-    def _router(self) -> DeploymentHandle:
-        return serve.get_deployment_handle(ROUTER, app_name=self._app_name)
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["app_name"], state["timeout_s"])
 
     def score(self, batches: list[WindowBatch]) -> list[ScoredWindows | Refusal]:
         requests = [
@@ -48,10 +58,28 @@ class RouterEnsembleClient:
             )
             for batch in batches
         ]
-        results = self._router.score_many.remote(requests).result(timeout_s=self._timeout_s)
-        return [
-            ScoredWindows(r.prediction_ids, r.ensemble_scores, r.is_anomaly, r.scores, r.model_versions)
-            if isinstance(r, ScoreResult)
-            else Refusal(r.status, r.reason, r.retry_after_s)
-            for r in results
-        ]
+        answer = asyncio.run_coroutine_threadsafe(self._score_many(requests), self._event_loop())
+        try:
+            results = answer.result(timeout=self._timeout_s)
+        except FutureTimeout:
+            answer.cancel()
+            raise TimeoutError(f"the ModelRouter of app {self._app_name!r} did not answer within {self._timeout_s:g}s") from None
+        return [_answer(result) for result in results]
+
+    async def _score_many(self, requests: list[ScoreRequest]) -> list[ScoreResult | Rejection]:
+        if self._router is None:
+            self._router = serve.get_deployment_handle(ROUTER, app_name=self._app_name)
+        return await self._router.score_many.remote(requests)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._started:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="router-client", daemon=True).start()
+            return self._loop
+
+
+def _answer(result: ScoreResult | Rejection) -> ScoredWindows | Refusal:
+    if isinstance(result, ScoreResult):
+        return ScoredWindows(result.prediction_ids, result.ensemble_scores, result.is_anomaly, result.scores, result.model_versions)
+    return Refusal(result.status, result.reason, result.retry_after_s)

@@ -24,6 +24,7 @@ def deploy_scoring(settings: Settings):
     return RouterEnsembleClient(settings.serving.app_name)
 
 
+
 def demo(
     kafka: Annotated[bool, typer.Option("--kafka", help="Go through the real Kafka broker (`rtml services up kafka`) instead of the file replay.")] = False,
     speed: Annotated[float, typer.Option(help="Replay speed: event time passes this many times faster than wall time.")] = 360.0,
@@ -41,8 +42,10 @@ def demo(
         settings = settings.model_copy(update={"streaming": settings.streaming.model_copy(update={"consumers": consumers})})
     if kafka:
         require_kafka(settings)
+    from deployments.control import throughput_environment
+
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the progress bar and summary say what matters
-    result = run_demo(settings, deploy_scoring, console, kafka=kafka, speed=speed)
+    result = run_demo(settings, deploy_scoring, console, kafka=kafka, speed=speed, ray_env=throughput_environment(settings))
     print_summary(result, json.loads(TRUTH_FILE.read_text()), console)
 
 

@@ -165,7 +165,10 @@ def run_demo(
     console: Console,
     kafka: bool = False,
     speed: float = DEFAULT_SPEED,
+    ray_env: dict[str, str] | None = None,
 ) -> DemoResult:
+    """The demo (see the module docstring); ``ray_env`` goes to every process of the local Ray
+    cluster it starts (Serve's throughput options, from the caller)."""
     import ray
 
     from lakehouse import Lakehouse
@@ -186,7 +189,13 @@ def run_demo(
 
         tenants = sorted({model.tenant for model in models})
         ensure_topics(demo.kafka, [*(events_topic(demo.kafka, t) for t in tenants), demo.kafka.dead_letter_topic])
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": ray_env or {}},
+    )
     try:
         with console.status("starting the Serve app (ingress, router, one scorer deployment per model kind)"):
             client = start_scoring(demo)

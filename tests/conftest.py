@@ -15,11 +15,21 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster shared by every test that needs one (starting Ray costs seconds)."""
+    """A local Ray cluster shared by every test that needs one (starting Ray costs seconds). Its
+    processes run Serve in the throughput-optimised mode that `rtml up` and the demo give theirs."""
     import ray
 
+    from deployments.control import throughput_environment
+    from rtml.settings import Settings
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": throughput_environment(Settings())},
+        )
     yield ray
     ray.shutdown()
 
