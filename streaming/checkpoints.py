@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rtml.errors import RtmlError
+from streaming.arrow_ipc import from_ipc, to_ipc
 
 
 @dataclass
@@ -30,17 +31,6 @@ class Checkpoint:
     offset: int
     keys: pa.Table
     windows: pa.Table
-
-
-def _ipc_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _ipc_table(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
 class CheckpointStore:
@@ -70,15 +60,15 @@ class CheckpointStore:
                 f"feature settings ({row['fingerprint']}, now {self.fingerprint}); use a new consumer group, or "
                 "delete the checkpoints to start the group over"
             )
-        return Checkpoint(row["offset"], _ipc_table(row["keys"]), _ipc_table(row["windows"]))
+        return Checkpoint(row["offset"], from_ipc(row["keys"]), from_ipc(row["windows"]))
 
     def save(self, partition: str, checkpoint: Checkpoint) -> None:
         row = pa.table(
             {
                 "offset": pa.array([checkpoint.offset], pa.int64()),
                 "fingerprint": pa.array([self.fingerprint]),
-                "keys": pa.array([_ipc_bytes(checkpoint.keys)], pa.binary()),
-                "windows": pa.array([_ipc_bytes(checkpoint.windows)], pa.binary()),
+                "keys": pa.array([to_ipc(checkpoint.keys)], pa.binary()),
+                "windows": pa.array([to_ipc(checkpoint.windows)], pa.binary()),
             }
         )
         path = self._path(partition)

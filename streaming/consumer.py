@@ -39,6 +39,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_r
 from observability import metrics
 from rtml.errors import RtmlError
 from rtml.settings import Settings
+from streaming.arrow_ipc import to_ipc
 from streaming.checkpoints import Checkpoint, CheckpointStore
 from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
 from streaming.features import feature_rows, feature_set_version, window_spec
@@ -341,7 +342,7 @@ class StreamConsumer:
             if letters:
                 self._dead_letters.write(letters)
             tables = {**pending.tables, "predictions": pa.concat_tables(scores.predictions) if scores.predictions else None}
-            pending.write = self._sink.write.remote({name: rows for name, rows in tables.items() if rows is not None})
+            pending.write = self._sink.write.remote({name: to_ipc(rows) for name, rows in tables.items() if rows is not None})
         self._counts.seconds["score"] = self._counts.seconds.get("score", 0.0) + scores.seconds
         if scores.predictions or scores.refused:
             self._counts.scoring_round_trip_s.append(scores.seconds)

@@ -11,9 +11,8 @@ import asyncio
 import logging
 import os
 
-import pyarrow as pa
-
 from rtml.settings import Settings
+from streaming.arrow_ipc import from_ipc
 
 TABLES = ("events", "features", "predictions")
 SINK_NICENESS = 10
@@ -34,9 +33,10 @@ class LakehouseSink:
         self._lake = Lakehouse.open(settings)
         self._writers = {table: self._lake.writer(table) for table in TABLES}
 
-    async def write(self, tables: dict[str, pa.Table]) -> dict[str, int]:
-        """Append each table's rows idempotently; returns the rows submitted per table once durable."""
-        submitted = {name: rows for name, rows in tables.items() if rows.num_rows}
+    async def write(self, tables: dict[str, bytes]) -> dict[str, int]:
+        """Append each table's rows (Arrow IPC, ``streaming.arrow_ipc``) idempotently; returns the
+        rows submitted per table once durable."""
+        submitted = {name: rows for name, rows in ((name, from_ipc(data)) for name, data in tables.items()) if rows.num_rows}
         await asyncio.gather(*(asyncio.wrap_future(self._writers[name].submit(rows)) for name, rows in submitted.items()))
         return {name: rows.num_rows for name, rows in submitted.items()}
 
