@@ -1,7 +1,7 @@
 """Arrow tables as Arrow IPC stream bytes, the form in which a consumer's rows travel to the sink and
 its window state into checkpoints. Handing Ray the bytes rather than the tables matters on the
-stream path: Ray's own serialisation of a table walks it column by column in Python, which was a
-third of a consumer's CPU at 2,000 events/s (benchmarks/RESULTS.md, streaming)."""
+stream path: Ray's own serialisation of a table walks it column by column in Python, which was
+29% of a consumer's active CPU at 2,000 events/s (benchmarks/RESULTS.md, streaming)."""
 
 from __future__ import annotations
 

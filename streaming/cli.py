@@ -24,7 +24,6 @@ def deploy_scoring(settings: Settings):
     return RouterEnsembleClient(settings.serving.app_name)
 
 
-
 def demo(
     kafka: Annotated[bool, typer.Option("--kafka", help="Go through the real Kafka broker (`rtml services up kafka`) instead of the file replay.")] = False,
     speed: Annotated[float, typer.Option(help="Replay speed: event time passes this many times faster than wall time.")] = 360.0,
