@@ -12,8 +12,6 @@ meanwhile.
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pyarrow as pa
 
-from benchmarks.results import write_section
+from benchmarks.results import machine, write_section
 from rtml.settings import get_settings
 
 TENANTS = ("bench-a", "bench-b")
@@ -90,23 +88,18 @@ def run(commits: int, rows: int, progress) -> list[Point]:
     return points
 
 
-def report(points: list[Point], command: str, machine: str) -> str:
+def report(points: list[Point], command: str, host: str) -> str:
     rows = "\n".join(
         f"| {p.commits:,} | {p.mean_ms:,.0f} | {p.max_ms:,.0f} | {p.snapshots:,} | {p.manifests:,} | {p.metadata_bytes / 1024:,.0f} |" for p in points
     )
     return f"""## Lakehouse: the cost of an idempotent append as a table's history grows
 
-Command: `{command}` ({machine}).
+Command: `{command}` ({host}).
 
 | appends so far | ms per append (mean since the row above) | max ms | snapshots retained | manifests in the current snapshot | metadata file KiB |
 |---:|---:|---:|---:|---:|---:|
 {rows}
 """
-
-
-def machine() -> str:
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{platform.machine()}, {os.cpu_count()} cores, load average at start {load}, Python {platform.python_version()}"
 
 
 def main(commits: int, rows: int, write: bool, console) -> list[Point]:

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 RESULTS_FILE = Path(__file__).with_name("RESULTS.md")
@@ -20,3 +22,9 @@ def write_section(name: str, text: str) -> None:
     else:
         current = current.rstrip() + "\n\n" + block + "\n"
     RESULTS_FILE.write_text(current)
+
+
+def machine() -> str:
+    """The machine a figure was taken on, with its load when the run started (it is shared)."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{platform.machine()}, {os.cpu_count()} cores, load average at start {load}, Python {platform.python_version()}"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 import uuid
@@ -29,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import orjson
 
-from benchmarks.results import write_section
+from benchmarks.results import machine, write_section
 from rtml.settings import Settings, get_settings
 
 TENANTS = ("bench-a", "bench-b")
@@ -185,11 +184,6 @@ def _offer(settings: Settings, run: str, rate: float, seconds: float) -> int:
     producer.flush()
     producer.close()
     return count
-
-
-def machine() -> str:
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{platform.machine()}, {os.cpu_count()} cores, load average at start {load}, Python {platform.python_version()}"
 
 
 def run(events: int, rate: float, seconds: float, consumers: int, console) -> Figures:
