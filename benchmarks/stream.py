@@ -190,7 +190,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
     import ray
 
     from deployments.control import throughput_environment
-    from streaming.cli import deploy_scoring
+    from deployments.stream_client import deploy_scoring
     from streaming.scoring import warm_up
     from streaming.sources.kafka import ensure_topics, events_topic
 

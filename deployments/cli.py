@@ -1,5 +1,7 @@
-"""`rtml up`: a local Ray cluster with the serving app on embedded defaults. Heavy imports stay
-inside the function, so that `rtml --help` stays instant."""
+"""`rtml up`: a local Ray cluster with the serving app on embedded defaults; `rtml demo`: the main
+job, the stream replayed through that app (the command lives here, above both streaming and
+deployments, because it wires one to the other). Heavy imports stay inside the functions, so that
+`rtml --help` stays instant."""
 
 from __future__ import annotations
 
@@ -46,3 +48,29 @@ def up(
         if name != settings.serving.app_name:  # e.g. the GraphQL API once it is deployed
             console.print(f"  app {name:10s} {status}: {address}{route.rstrip('/')}")
     console.print(f"  Ray dashboard:  http://{cluster.dashboard_url or f'127.0.0.1:{settings.serving.dashboard_port}'}")
+
+
+def demo(
+    kafka: Annotated[bool, typer.Option("--kafka", help="Go through the real Kafka broker (`rtml services up kafka`) instead of the file replay.")] = False,
+    speed: Annotated[float, typer.Option(help="Replay speed: event time passes this many times faster than wall time.")] = 360.0,
+    consumers: Annotated[int, typer.Option(help="Consumer actors (default: streaming.consumers).")] = 0,
+) -> None:
+    """The main job: replay bundled sensor streams through the whole pipeline and summarise."""
+    import json
+    import logging
+
+    from deployments.control import throughput_environment
+    from deployments.stream_client import deploy_scoring
+    from rtml.settings import get_settings
+    from streaming.data.generate import TRUTH_FILE
+    from streaming.demo import print_summary, run_demo
+    from streaming.sources.kafka import require_kafka
+
+    settings = get_settings()
+    if consumers:
+        settings = settings.model_copy(update={"streaming": settings.streaming.model_copy(update={"consumers": consumers})})
+    if kafka:
+        require_kafka(settings.kafka)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the progress bar and summary say what matters
+    result = run_demo(settings, deploy_scoring, console, kafka=kafka, speed=speed, ray_env=throughput_environment(settings))
+    print_summary(result, json.loads(TRUTH_FILE.read_text()), console)

@@ -3,6 +3,7 @@
 
     client = RouterEnsembleClient(app_name)  # small and picklable: it travels to consumer actors
     answers = client.score(window_batches)   # one ScoredWindows or Refusal per batch
+    client = deploy_scoring(settings)        # deploy the app on the connected cluster, then the above
 
 The handle is looked up where the client is used, on first use, so that a consumer actor's
 constructor arguments stay a few kilobytes (Ray keeps those inline, and restarts need them).
@@ -26,7 +27,17 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.app import ROUTER
 from deployments.records import Rejection, ScoreRequest, ScoreResult
+from rtml.settings import Settings
 from streaming.scoring import Refusal, ScoredWindows, WindowBatch
+
+
+def deploy_scoring(settings: Settings) -> RouterEnsembleClient:
+    """Deploy the Serve app on the connected Ray cluster; the stream's client to its ModelRouter.
+    (The one place the stream meets the Serve app: here, above both.)"""
+    from deployments.control import deploy
+
+    deploy(settings)
+    return RouterEnsembleClient(settings.serving.app_name)
 
 
 class RouterEnsembleClient:

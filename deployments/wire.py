@@ -29,22 +29,27 @@ Every refusal is ``{"error": reason}`` with a 4xx/5xx status; nothing here raise
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
+from pydantic import TypeAdapter, ValidationError
 
 from deployments.records import Rejection, ScoreRequest, ScoreResult
-from rtml.schemas import DataType
+from rtml.schemas import DataType, EntityId, EventId, SubjectId, TenantId, UtcDatetime
 
 JSON = "application/json"
 NPY = "application/x-npy"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# The kernel's field types (rtml.schemas) check every field a request names about its events.
+_TENANT = TypeAdapter(TenantId)
+_ENTITIES = TypeAdapter(list[EntityId])
+_EVENT_IDS = TypeAdapter(list[EventId])
+_TIMES = TypeAdapter(list[UtcDatetime])
+_SUBJECTS = TypeAdapter(list[SubjectId | None])
 _SCORED_DATA_TYPES = (DataType.METRIC.value, DataType.IMAGE.value)
 _SINGLE_KEYS = {"tenant", "data_type", "window", "entity", "event_id", "event_time", "subject"}
 _BATCH_KEYS = {"tenant", "data_type", "windows", "entity", "entities", "event_ids", "event_times", "subjects"}
@@ -77,10 +82,18 @@ def parse_predict(body: bytes, content_type: str, query: Mapping[str, str], max_
     return request, shape
 
 
+def _checked(adapter: TypeAdapter, value: Any, name: str, expected: str) -> Any:
+    """``value`` validated by a kernel type, or a 400 naming the field, what it should be and why."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as error:
+        problem = error.errors(include_url=False)[0]
+        where = "".join(f"[{part}]" for part in problem["loc"])
+        raise Refused(400, f"'{name}'{where} must be {expected}: {problem['msg']}") from None
+
+
 def _tenant(value: Any) -> str:
-    if not isinstance(value, str) or not TENANT_PATTERN.match(value):
-        raise Refused(400, "'tenant' must be 1-64 characters of letters, digits, '_', '.' or '-'")
-    return value
+    return _checked(_TENANT, value, "tenant", "1-64 characters of letters, digits, '_', '.' or '-'")
 
 
 def _data_type(value: Any) -> str:
@@ -102,27 +115,13 @@ def _windows(values: Any, what: str) -> np.ndarray:
     return windows
 
 
-def _strings(values: Any, count: int, name: str) -> list[str] | None:
-    if values is None:
-        return None
-    if not isinstance(values, list) or len(values) != count or not all(isinstance(v, str) and v for v in values):
-        raise Refused(400, f"'{name}' must be a list of {count} non-empty strings, one per window")
-    return values
-
-
-def _times(values: Any, count: int, name: str) -> list[datetime] | None:
+def _per_window(adapter: TypeAdapter, values: Any, count: int, name: str, expected: str) -> list | None:
+    """An optional list with one value per window, each checked by its kernel type."""
     if values is None:
         return None
     if not isinstance(values, list) or len(values) != count:
-        raise Refused(400, f"'{name}' must be a list of {count} ISO 8601 times, one per window")
-    times = []
-    for value in values:
-        try:
-            moment = datetime.fromisoformat(value)
-        except (TypeError, ValueError):
-            raise Refused(400, f"'{name}' holds {value!r}, which is not an ISO 8601 time") from None
-        times.append(moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc))
-    return times
+        raise Refused(400, f"'{name}' must be a list of {count} {expected}, one per window")
+    return _checked(adapter, values, name, f"a list of {expected}")
 
 
 def _from_json(body: bytes, query: Mapping[str, str]) -> tuple[ScoreRequest, str]:
@@ -154,16 +153,14 @@ def _from_json(body: bytes, query: Mapping[str, str]) -> tuple[ScoreRequest, str
         entities = [document["entity"]] * len(windows) if "entity" in document else document.get("entities")
         event_ids, event_times, subjects = document.get("event_ids"), document.get("event_times"), document.get("subjects")
     count = len(windows)
-    if subjects is not None and (not isinstance(subjects, list) or len(subjects) != count):
-        raise Refused(400, f"'subjects' must be a list of {count} strings or nulls, one per window")
     request = ScoreRequest(
         tenant=tenant,
         windows=windows,
         data_type=data_type,
-        entities=_strings(entities, count, "entity" if single else "entities"),
-        event_ids=_strings(event_ids, count, "event_id" if single else "event_ids"),
-        event_times=_times(event_times, count, "event_time" if single else "event_times"),
-        subjects=subjects,
+        entities=_per_window(_ENTITIES, entities, count, "entity" if single else "entities", "entity names"),
+        event_ids=_per_window(_EVENT_IDS, event_ids, count, "event_id" if single else "event_ids", "event ids"),
+        event_times=_per_window(_TIMES, event_times, count, "event_time" if single else "event_times", "ISO 8601 times"),
+        subjects=_per_window(_SUBJECTS, subjects, count, "subject" if single else "subjects", "subject ids or nulls"),
     )
     return request, "single" if single else "rows"
 
@@ -211,29 +208,23 @@ def _from_arrow(body: bytes, query: Mapping[str, str]) -> ScoreRequest:
         tenant=tenant,
         windows=windows,
         data_type=_data_type(query.get("data_type")),
-        entities=_arrow_strings(table, "entity"),
-        event_ids=_arrow_strings(table, "event_id"),
+        entities=_arrow_column(table, "entity", _ENTITIES, "entity names"),
+        event_ids=_arrow_column(table, "event_id", _EVENT_IDS, "event ids"),
         event_times=_arrow_times(table),
-        subjects=table["subject"].to_pylist() if "subject" in table.column_names else None,
+        subjects=_arrow_column(table, "subject", _SUBJECTS, "subject ids or nulls"),
     )
 
 
-def _arrow_strings(table: pa.Table, name: str) -> list[str] | None:
+def _arrow_column(table: pa.Table, name: str, adapter: TypeAdapter, expected: str) -> list | None:
     if name not in table.column_names:
         return None
-    values = table[name].to_pylist()
-    if not all(isinstance(value, str) and value for value in values):
-        raise Refused(400, f"the '{name}' column must hold non-empty strings")
-    return values
+    return _per_window(adapter, table[name].to_pylist(), table.num_rows, name, expected)
 
 
 def _arrow_times(table: pa.Table) -> list[datetime] | None:
-    if "event_time" not in table.column_names:
-        return None
-    column = table["event_time"]
-    if not pa.types.is_timestamp(column.type) or column.null_count:
-        raise Refused(400, f"the 'event_time' column must hold timestamps without nulls, not {column.type}")
-    return _times([value.isoformat() for value in column.to_pylist()], table.num_rows, "event_time")
+    if "event_time" in table.column_names and not pa.types.is_timestamp(table["event_time"].type):
+        raise Refused(400, f"the 'event_time' column must hold timestamps, not {table['event_time'].type}")
+    return _arrow_column(table, "event_time", _TIMES, "timestamps")
 
 
 def encode_result(request: ScoreRequest, result: ScoreResult, shape: str) -> bytes:

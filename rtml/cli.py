@@ -13,13 +13,12 @@ import typer
 from rich.console import Console
 
 from cluster.cli import app as services_app
-from deployments.cli import up
+from deployments.cli import demo, up
 from lakehouse.cli import app as lakehouse_app
 from lakehouse.cli import erase
 from models.cli import nab_app
 from models.cli import train as train_command
 from rtml.errors import RtmlError
-from streaming.cli import demo
 
 app = typer.Typer(
     name="rtml",
@@ -66,9 +65,9 @@ def bench_stream(
     """Raw kafka-python consumption vs rtml's full streaming path, on one Kafka broker."""
     from benchmarks.stream import main as stream_benchmark
     from rtml.settings import get_settings
-    from streaming.cli import require_kafka
+    from streaming.sources.kafka import require_kafka
 
-    require_kafka(get_settings())
+    require_kafka(get_settings().kafka)
     stream_benchmark(events, rate, seconds, consumers, write, Console())
 
 
@@ -82,6 +81,18 @@ def bench_lakehouse(
     from benchmarks.lakehouse import main as lakehouse_benchmark
 
     lakehouse_benchmark(commits, rows, write, Console())
+
+
+@bench_app.command("validation")
+def bench_validation(
+    batch: int = typer.Option(2000, help="Events per batch (the consumer's max_poll_records)."),
+    repeats: int = typer.Option(30, help="Repeats per figure; the best is reported."),
+    write: bool = typer.Option(False, "--write", help="Write the figures into benchmarks/RESULTS.md."),
+) -> None:
+    """What the kernel's one event validation costs per event on the stream's path."""
+    from benchmarks.validation import main as validation_benchmark
+
+    validation_benchmark(batch, repeats, write, Console())
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Public face:
 - ``streaming.scoring``: what the stream asks of the scoring service (``EnsembleClient``,
   ``WindowBatch`` -> ``ScoredWindows`` | ``Refusal``), implemented over the ModelRouter by
   ``deployments.stream_client``;
-- ``streaming.demo`` / ``streaming.cli``: ``rtml demo``.
+- ``streaming.demo``: the job behind ``rtml demo`` (whose command, in ``deployments.cli``, wires it to the Serve app).
 
 Inside: ``router`` (DataRouter: validation, paths per data type, dead letters), ``windowing``
 (vectorised per-key event-time windows and model input windows), ``features`` (the feature set and

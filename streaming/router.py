@@ -7,42 +7,38 @@ only land in the lakehouse ``events`` table for later jobs. Stream events land t
 
 Payloads
     JSON: an object with ``rtml.schemas.Event``'s fields (``event_id``, ``tenant``, ``entity``,
-    ``data_type``, ``event_time``, ``value``, ``attributes``, ``subject``). ``event_time`` is ISO
-    8601 (no offset means UTC) or a number of seconds since the Unix epoch; ``value`` may be a
-    numeric string (CSV replays). A record without ``event_id`` gets ``<partition>@<offset>``, so a
-    replay of it gets the same id again.
+    ``data_type``, ``event_time``, ``value``, ``attributes``, ``subject``), validated by the
+    kernel (``rtml.schemas.validate_events``: ``event_time`` ISO 8601, no offset meaning UTC, or
+    seconds since the Unix epoch; ``value`` a finite JSON number). A record without ``event_id``
+    gets ``<partition>@<offset>``, so a replay of it gets the same id again.
 
     Binary frame (Kafka header ``content-type: application/x-rtml-frame``): the record's value is
     the raw frame, row-major; the event's fields are the JSON object in header ``rtml-event``, whose
     ``attributes`` give ``frame_shape`` (``[height, width]``) and ``frame_dtype`` (``"uint8"``,
     scaled to [0, 1], or ``"float32"``). ``data_type`` is ``image``.
 
-Anything that does not fit becomes a dead letter with the reason; the valid records of the same
-batch go on. Checks run column by column over the batch, not field by field per record.
+Anything that does not fit becomes a dead letter with the reason (the field and what is wrong with
+it); the valid records of the same batch go on. The batch is validated in one pydantic-core call.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
 import orjson
-import pandas as pd
 import pyarrow as pa
 
 from rtml.errors import RtmlError
-from rtml.schemas import DataType, Event
+from rtml.schemas import DataType, Event, validate_events
 from streaming.sources.base import SourceBatch
 
 Path = Literal["stream", "batch"]
 FRAME_CONTENT_TYPE = b"application/x-rtml-frame"
 FRAME_DTYPES = {"uint8": np.uint8, "float32": np.float32}
-EVENT_FIELDS = frozenset(Event.model_fields)
-_TENANT = re.compile(Event.model_fields["tenant"].metadata[-1].pattern)
-NO_TIME = np.iinfo(np.int64).min
 
 
 @dataclass
@@ -127,21 +123,13 @@ class DataRouter:
         documents = [document for document, _, _ in decoded]
         reasons: list[str | None] = [reason for _, _, reason in decoded]
         frames = [frame for _, frame, _ in decoded]
-        columns = _columns(documents, reasons, frames, batch, partition_names)
-
-        valid = np.array([reason is None for reason in reasons], dtype=bool)
-        images = [_frame_array(document, frame) if ok and frame is not None else None for document, frame, ok in zip(documents, frames, valid)]
-        for i, image in enumerate(images):
-            if isinstance(image, str):
-                reasons[i], valid[i] = image, False
-        events = columns.take(np.flatnonzero(valid))
-        events_images = [image for image, ok in zip(images, valid) if ok]
+        events, events_images = _events(documents, reasons, frames, batch, partition_names)
         path = np.array([self.routes[t] for t in events.data_type], dtype=object) if len(events) else np.empty(0, object)
         stream = path == "stream"
         is_image = events.data_type == DataType.IMAGE.value
         frame_rows = np.flatnonzero(stream & is_image)
         landed = np.ones(len(events), bool) if self.land_stream_events else ~stream
-        bad = np.flatnonzero(~valid)
+        bad = np.array([i for i, reason in enumerate(reasons) if reason is not None], dtype=np.int64)
         return RoutedBatch(
             metrics=events.take(np.flatnonzero(stream & (events.data_type == DataType.METRIC.value))),
             frames=events.take(frame_rows),
@@ -163,126 +151,84 @@ def _decode(payload: object, headers: Mapping[str, bytes] | None) -> tuple[Any, 
             return None, None, "binary frame without an rtml-event header naming its tenant, entity and time"
         document, _, reason = _decode(headers["rtml-event"], None)
         return document, bytes(payload), reason  # type: ignore[arg-type]
-    if isinstance(payload, Mapping):
-        return payload, None, None
+    if not isinstance(payload, (bytes, bytearray, memoryview, str)):  # already decoded (file replays)
+        return (payload, None, None) if isinstance(payload, Mapping) else (None, None, f"a {type(payload).__name__} where an event object was expected")
     try:
-        document = orjson.loads(payload)  # type: ignore[arg-type]
-    except (orjson.JSONDecodeError, TypeError) as error:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
         return None, None, f"not valid JSON: {error}"
     if not isinstance(document, dict):
         return None, None, f"a JSON {type(document).__name__} where an event object was expected"
     return document, None, None
 
 
-def _columns(
+def _events(
     documents: list[Any],
     reasons: list[str | None],
     frames: list[bytes | None],
     batch: SourceBatch,
     partition_names: Sequence[str],
-) -> EventColumns:
-    """Every field as a column; ``reasons`` gets the first problem of each record that has one."""
-    empty: dict = {}
-    docs = [document if reason is None else empty for document, reason in zip(documents, reasons)]
-
-    def column(name: str) -> list[Any]:
-        return [document.get(name) for document in docs]
-
-    def reject(bad: Sequence[bool] | np.ndarray, why: str) -> None:
-        for i in np.flatnonzero(bad):
-            if reasons[i] is None:
-                reasons[i] = why
-
-    reject([not document.keys() <= EVENT_FIELDS for document in docs], "unknown field(s); an event has only " + ", ".join(sorted(EVENT_FIELDS)))
-    tenant = column("tenant")
-    good_tenants = {t for t in set(filter(lambda t: isinstance(t, str), tenant)) if _TENANT.fullmatch(t) and len(t) <= 64}
-    reject([t not in good_tenants if isinstance(t, str) else True for t in tenant], "tenant missing or not 1-64 letters, digits, '_', '.', '-'")
-    entity = column("entity")
-    reject([not (isinstance(e, str) and 0 < len(e) <= 256) for e in entity], "entity missing or not a string of 1-256 characters")
-    event_id = column("event_id")
-    reject([not (i is None or (isinstance(i, str) and 0 < len(i) <= 128)) for i in event_id], "event_id is not a string of 1-128 characters")
-    event_id = [
-        i if i is not None else f"{partition_names[p]}@{o}" for i, p, o in zip(event_id, batch.partitions, batch.offsets)
+) -> tuple[EventColumns, list[np.ndarray | None]]:
+    """The records that are valid events (validated by the kernel's ``validate_events``) as
+    columns, with their decoded frames (None for non-frames); ``reasons`` gets why each other record
+    is not one. A record without ``event_id`` gets ``<partition>@<offset>``, the same on every replay."""
+    candidates = [i for i, reason in enumerate(reasons) if reason is None]
+    named = [
+        documents[i] if "event_id" in documents[i] else {**documents[i], "event_id": f"{partition_names[batch.partitions[i]]}@{batch.offsets[i]}"}
+        for i in candidates
     ]
-    data_type = ["metric" if t is None else t for t in column("data_type")]
-    known_types = {t.value for t in DataType}
-    reject([t not in known_types if isinstance(t, str) else True for t in data_type], f"data_type must be one of {sorted(known_types)}")
-    times = event_times_us(column("event_time"))
-    reject(times == NO_TIME, "event_time missing or not ISO 8601 / seconds since the epoch")
-    value, value_given = _floats(column("value"))
-    reject(value_given & ~np.isfinite(value), "value is not a finite number")
-    is_metric = np.array([t == DataType.METRIC.value for t in data_type], dtype=bool)
-    reject(is_metric & ~value_given, "a metric event needs a value")
-    is_image = np.array([t == DataType.IMAGE.value for t in data_type], dtype=bool)
-    reject(is_image & np.array([f is None for f in frames], dtype=bool), "image events must arrive as binary frames")
-    attributes = column("attributes")
-    reject([not (a is None or isinstance(a, dict)) for a in attributes], "attributes must be a JSON object")
-    subject = column("subject")
-    reject([not (s is None or (isinstance(s, str) and len(s) <= 256)) for s in subject], "subject must be a string of at most 256 characters")
-    return EventColumns(
-        event_id=_objects(event_id),
-        tenant=_objects(tenant),
-        entity=_objects(entity),
-        data_type=_objects(data_type),
-        event_time_us=times,
-        value=np.where(value_given, value, np.nan),
-        attributes=_objects([_json_text(a) for a in attributes]),
-        subject=_objects(subject),
-        payload=_objects(frames),
-        partition=batch.partitions.astype(np.int32),
-        offset=batch.offsets.astype(np.int64),
-        available_at=batch.available_at.astype(np.float64),
+    validated, problems = validate_events(named)
+    for i, problem in zip(candidates, problems):
+        reasons[i] = problem
+    kept = [(i, event) for i, event in zip(candidates, validated) if event is not None]
+    rows = np.array([i for i, _ in kept], dtype=np.int64)
+    events = [event for _, event in kept]
+    columns = EventColumns(
+        event_id=_objects([event.event_id for event in events]),
+        tenant=_objects([event.tenant for event in events]),
+        entity=_objects([event.entity for event in events]),
+        data_type=_objects([event.data_type.value for event in events]),
+        event_time_us=_micros([event.event_time for event in events]),
+        value=np.array([event.value for event in events], dtype=np.float64),  # None becomes NaN
+        attributes=_objects([_json_text(event.attributes) for event in events]),
+        subject=_objects([event.subject for event in events]),
+        payload=_objects([frames[i] for i in rows.tolist()]),
+        partition=batch.partitions[rows].astype(np.int32),
+        offset=batch.offsets[rows].astype(np.int64),
+        available_at=batch.available_at[rows].astype(np.float64),
     )
+    # What only the record's transport can tell: image events come as frames, and frames must read.
+    images: list[np.ndarray | None] = [None] * len(events)
+    usable = np.ones(len(events), dtype=bool)
+    for position, row in enumerate(rows.tolist()):
+        if frames[row] is not None:
+            image = _frame_array(events[position].attributes, frames[row])
+            if isinstance(image, str):
+                reasons[row], usable[position] = image, False
+            else:
+                images[position] = image
+        elif events[position].data_type is DataType.IMAGE:
+            reasons[row], usable[position] = "image events must arrive as binary frames", False
+    keep = np.flatnonzero(usable)
+    return columns.take(keep), [images[p] for p in keep.tolist()]
+
+
+def _micros(times: list[datetime]) -> np.ndarray:
+    """UTC datetimes as int64 microseconds since the epoch, converted by Arrow in one call."""
+    return pa.array(times, pa.timestamp("us", tz="UTC")).to_numpy(zero_copy_only=False).view(np.int64)
 
 
 def _objects(items: list[Any]) -> np.ndarray:
-    """A 1-D object array, even when items are themselves lists (bad input)."""
+    """A 1-D object array, even when items are themselves lists."""
     return np.fromiter(items, dtype=object, count=len(items))
-
-
-def event_times_us(raw: list[Any]) -> np.ndarray:
-    """Microseconds since the epoch; ``NO_TIME`` where missing or unreadable."""
-    result = np.full(len(raw), NO_TIME, dtype=np.int64)
-    numeric = np.array([isinstance(t, (int, float)) and not isinstance(t, bool) for t in raw], dtype=bool)
-    text = np.array([isinstance(t, str) for t in raw], dtype=bool)
-    if numeric.any():
-        seconds = np.array([raw[i] for i in np.flatnonzero(numeric)], dtype=np.float64)
-        inside = np.isfinite(seconds) & (np.abs(seconds) < 9e12)  # within what microseconds in int64 can hold
-        result[np.flatnonzero(numeric)[inside]] = np.round(seconds[inside] * 1e6).astype(np.int64)
-    if text.any():
-        parsed = pd.to_datetime(pd.Series([raw[i] for i in np.flatnonzero(text)]), utc=True, format="ISO8601", errors="coerce")
-        result[np.flatnonzero(text)] = parsed.dt.as_unit("us").to_numpy(dtype="datetime64[us]").astype(np.int64)
-    return result
-
-
-def _floats(raw: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(values as float64, whether each was given); unreadable values come back as NaN."""
-    given = np.array([v is not None and v != "" for v in raw], dtype=bool)
-    try:
-        if any(isinstance(v, bool) for v in raw):
-            raise ValueError("booleans are not values")
-        values = np.array([v if g else np.nan for v, g in zip(raw, given)], dtype=np.float64)
-    except (TypeError, ValueError):
-        values = np.array([_float_or_nan(v) for v in raw], dtype=np.float64)
-    return values, given
-
-
-def _float_or_nan(value: Any) -> float:
-    if isinstance(value, bool) or value is None:
-        return np.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return np.nan
 
 
 def _json_text(attributes: Any) -> str | None:
     return orjson.dumps(attributes, option=orjson.OPT_SORT_KEYS, default=str).decode() if isinstance(attributes, dict) and attributes else None
 
 
-def _frame_array(document: Mapping[str, Any], frame: bytes) -> np.ndarray | str:
+def _frame_array(attributes: Mapping[str, Any], frame: bytes) -> np.ndarray | str:
     """The frame as float32 [height, width] in [0, 1], or why it cannot be read."""
-    attributes = document.get("attributes") or {}
     shape, dtype = attributes.get("frame_shape"), attributes.get("frame_dtype", "uint8")
     if dtype not in FRAME_DTYPES:
         return f"frame_dtype must be one of {sorted(FRAME_DTYPES)}"

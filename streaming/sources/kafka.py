@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 BROKER_CALL_TIMEOUT_MS = 5000
 
 
+def require_kafka(settings: KafkaSettings) -> None:
+    """Fail with what to do when no broker answers at ``settings.bootstrap_servers``."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=5000).close()
+    except KafkaError as error:
+        raise RtmlError(
+            f"no Kafka broker answers at {settings.bootstrap_servers} ({type(error).__name__}); "
+            "start one with `rtml services up kafka` or point RTML_KAFKA__BOOTSTRAP_SERVERS at yours"
+        ) from None
+
+
 def events_topic(settings: KafkaSettings, tenant: str) -> str:
     base = f"{settings.topic_prefix}.events"
     return f"{base}.{tenant}" if settings.topic_layout == "tenant" else base

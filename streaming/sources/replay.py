@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 from rtml.errors import RtmlError
-from streaming.router import NO_TIME, event_times_us
+from rtml.schemas import NO_TIME, event_times_us
 from streaming.sources.base import Source, SourceBatch
 
 
@@ -39,8 +39,9 @@ def read_records(path: Path) -> list[object]:
         raise RtmlError(f"replay file {path} does not exist")
     if path.suffix == ".csv":
         with path.open(newline="") as handle:
-            # An empty CSV cell means "not given", as a missing JSON field does.
-            return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+            # An empty CSV cell means "not given", as a missing JSON field does; CSV has no
+            # numbers, so the value column is read as one where it is one.
+            return [{k: _csv_cell(k, v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
     if path.suffix in (".jsonl", ".ndjson"):
         records: list[object] = []
         for line in path.read_bytes().splitlines():
@@ -51,6 +52,17 @@ def read_records(path: Path) -> list[object]:
                     records.append(line)
         return records
     raise RtmlError(f"replay file {path} is neither .csv nor .jsonl")
+
+
+def _csv_cell(column: str, text: str) -> object:
+    """A CSV cell as JSON would carry it: ``value`` as a number when it reads as one (otherwise the
+    text, which validation refuses with its reason); every other column as text."""
+    if column != "value":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 class ReplaySource(Source):

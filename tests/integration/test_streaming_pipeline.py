@@ -47,7 +47,7 @@ def stack(ray_cluster, tmp_path_factory):
     from lakehouse import Lakehouse
     from models.scoring import fit_scorer, save_scorer
     from rtml.schemas import ModelVersion
-    from streaming.cli import deploy_scoring
+    from deployments.stream_client import deploy_scoring
 
     home = tmp_path_factory.mktemp("streaming-home")
     settings = Settings(

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from pydantic import ValidationError
 
-from rtml.schemas import Event
+from rtml.schemas import Event, micros, validate_events
 from rtml.settings import Settings
 
 
@@ -38,8 +38,31 @@ def test_event_rejects_bad_tenant_and_nan_and_makes_times_utc():
     assert event.event_id
     with pytest.raises(ValidationError, match="tenant"):
         Event(tenant="bad tenant!", entity="x", event_time=naive)
-    with pytest.raises(ValidationError, match="NaN"):
+    with pytest.raises(ValidationError, match="finite number"):
         Event(tenant="acme", entity="x", event_time=naive, value=float("nan"))
+    with pytest.raises(ValidationError, match="needs a value"):
+        Event(tenant="acme", entity="x", event_time=naive)
+
+
+def test_a_batch_is_validated_at_once_and_each_bad_document_gets_its_reasons():
+    good = {"tenant": "acme", "entity": "pump-1", "event_time": "2026-01-01T12:00:00", "value": 2}
+    documents = [
+        good,
+        {**good, "tenant": "a b", "entity": ""},
+        {**good, "value": "12"},  # text is not a number here: text formats convert their cells first
+        {**good, "colour": "red"},
+        {**good, "event_time": 1767268800.25},
+        {**good, "data_type": "record", "value": None},
+    ]
+    events, reasons = validate_events(documents)
+    assert [event is not None for event in events] == [True, False, False, False, True, True]
+    assert reasons[0] is None and reasons[4] is None and reasons[5] is None
+    assert "tenant: String should match pattern" in reasons[1] and "entity:" in reasons[1]
+    assert reasons[2] == "value: Input should be a valid number"
+    assert reasons[3].startswith("unknown field 'colour'")
+    assert events[0].event_time == datetime(2026, 1, 1, 12, tzinfo=timezone.utc) and events[0].value == 2.0
+    assert micros(events[4].event_time) == 1767268800250000
+    assert validate_events([good, good])[1] == [None, None]
 
 
 def test_cli_module_and_help_list_every_top_level_command():

@@ -44,7 +44,8 @@ def test_bad_records_become_dead_letters_with_reasons_and_the_rest_go_on():
         orjson.dumps(_event(data_type="video")),
         orjson.dumps(_event(attributes=[1])),
         orjson.dumps(_event(data_type="image", value=None)),
-        _event(event_id="good-2", value="2.5", event_time=1717200000.5),  # a CSV row: numbers as text
+        _event(event_id="good-2", value=2.5, event_time=1717200000.5),  # an already decoded record, epoch seconds
+        orjson.dumps(_event(value=True)),  # a JSON boolean is not a measurement
     ]
     routed = DataRouter(ROUTES, land_stream_events=True).route(_batch(payloads), ["log:0"])
 
@@ -52,19 +53,20 @@ def test_bad_records_become_dead_letters_with_reasons_and_the_rest_go_on():
     assert routed.metrics.value.tolist() == [1.0, 2.5]
     assert routed.metrics.event_time_us.tolist() == [1717200000000000, 1717200000500000]
     reasons = dict(zip(routed.dead.offset.tolist(), routed.dead.reason))
-    assert sorted(reasons) == list(range(1, 12))
+    assert sorted(reasons) == [*range(1, 12), 13]
     for offset, expected in {
         1: "not valid JSON",
         2: "JSON list",
         3: "tenant",
         4: "entity",
         5: "event_time",
-        6: "value is not a finite number",
+        6: "value: Input should be a valid number",
         7: "needs a value",
         8: "unknown field",
         9: "data_type",
         10: "attributes",
         11: "binary frames",
+        13: "value: Input should be a valid number",
     }.items():
         assert expected in reasons[offset]
     assert routed.dead.payload[0] == b"{not json"
