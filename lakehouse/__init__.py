@@ -4,15 +4,17 @@ Other packages import from here only; ``lakehouse.api`` documents the whole surf
 
 - ``Lakehouse.open(settings)``: the catalog chosen by settings (embedded SQLite SQL catalog, or a
   PostgreSQL SQL / REST catalog with S3), tables created on first use; ``table(name)``;
-- writes: ``append_idempotent(table, rows, key=...)``, ``writer(table)`` (a background
-  ``BatchingWriter``), ``audit(...)``;
+- writes: ``append_idempotent(table, rows, keys=..., keys_bound_by_time=...)``, ``writer(table,
+  ...)`` (a background ``BatchingWriter``), ``audit(...)``; keys are unique per tenant;
 - reads: ``read(table, tenant, start, end, snapshot_id=/as_of=)``, ``snapshots(table)``,
-  ``lineage(prediction_id)``, ``payload(event_row)``;
-- ``registry`` (``ModelRegistry``) and ``features`` (``FeatureStore``);
-- operations: ``erase(subject, actor)``, ``maintain()``, ``replicate(to=...)``.
+  ``lineage(prediction_id, tenant)``, ``payload(event_row)``;
+- ``registry`` (``ModelRegistry``: idempotent ``register(model, client_token=...)``,
+  compare-and-swap ``update_weights``) and ``features`` (``FeatureStore``);
+- operations: ``erase(subject, actor)`` (with a tombstone that later appends respect),
+  ``maintain()``, ``replicate(to=...)``.
 
 Tables: ``events``, ``features``, ``predictions``, ``feedback``, ``models``, ``enrichments``,
-``audit`` (``lakehouse.tables`` has their columns and partitioning).
+``audit``, ``erasures`` (``lakehouse.tables`` has their columns, keys and partitioning).
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """The lakehouse's public face: ``Lakehouse.open(settings)`` and what hangs off it.
 
     lake = Lakehouse.open()                              # creates namespace and tables on first use
-    lake.append_idempotent("events", events)             # replays add nothing (key: event_id)
+    lake.append_idempotent("events", events)             # replays add nothing (key: tenant, event_id)
     with lake.writer("predictions") as writer:           # background batching, off the request path
         writer.submit(predictions).result()              # done = durable
     lake.read("events", tenant="acme", start=t0, end=t1) # newest first
     lake.read("events", snapshot_id=...)                 # time travel (or as_of=datetime)
     lake.dataset("events", tenant="acme")                # a Ray Dataset (read_iceberg) for batch jobs
-    lake.registry.register(model_version)                # register/list/get/promote/retire/active/set_weights
+    lake.registry.register(model_version, client_token=t) # register/list/get/promote/retire/active/update_weights
     lake.features.online_latest("acme", ["pump-1"])      # feature store: online_latest/offline_range/offline_dataset
-    lake.lineage(prediction_id)                          # feature rows + model versions (+ training snapshots)
-    lake.erase("subject-42", actor="ops")                # right to erasure, audited
+    lake.lineage(prediction_id, tenant)                  # feature rows + model versions (+ training snapshots)
+    lake.erase("subject-42", actor="ops")                # right to erasure, audited; replays stay erased
     lake.maintain(); lake.replicate(to=other_settings)   # compaction + expiry; disaster-recovery copy
 
+Keys are unique per tenant, and so is every look-up by id: two tenants' ids never meet.
 Rows may be given as Arrow tables, dicts, or the kernel's records (``rtml.schemas.Event``,
 ``Prediction``, ``Feedback``); column names are the records' field names. Every method loads the
 table's current metadata, so one ``Lakehouse`` can be shared by threads and long-lived actors and
@@ -21,9 +22,11 @@ always sees other writers' commits.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -40,14 +43,14 @@ from lakehouse import erasure, maintenance, replication
 from lakehouse.datasets import iceberg_dataset
 from lakehouse.blobs import offload_large_payloads, read_blob
 from lakehouse.commits import retry_on_conflict
-from lakehouse.erasure import ErasureReport
+from lakehouse.erasure import ErasureReport, Tombstones
 from lakehouse.errors import LakehouseError
 from lakehouse.features import FeatureStore, with_feature_ids
 from lakehouse.maintenance import MaintenanceReport
 from lakehouse.registry import ModelRegistry
 from lakehouse.replication import ReplicationReport
 from lakehouse.snapshots import Expiry, Retention, SnapshotInfo, expire, history
-from lakehouse.tables import AUDIT, EVENTS, FEATURES, PREDICTIONS, Rows, table_def, time_literal, to_arrow
+from lakehouse.tables import AUDIT, ERASURES, EVENTS, FEATURES, PREDICTIONS, Rows, table_def, time_literal, to_arrow
 from lakehouse.writer import BatchingWriter, append_idempotent
 from rtml.schemas import ModelVersion, new_id, utc_now
 from rtml.settings import LakehouseSettings, Settings, get_settings
@@ -94,17 +97,23 @@ class Lakehouse:
 
     # writes ------------------------------------------------------------------------------------
 
-    def append_idempotent(self, table: str, rows: Rows, key: str | None = None) -> int:
-        """Append rows whose key the table does not hold yet (see ``lakehouse.writer``); returns how
-        many rows were new. ``key`` defaults to the table's key (``events``/``predictions``:
-        ``event_id``, ``features``: ``feature_id``, ...)."""
-        return self._append_prepared(table, self._prepare(table, rows), key)
+    def append_idempotent(
+        self, table: str, rows: Rows, keys: Sequence[str] | None = None, *, keys_bound_by_time: bool = True
+    ) -> int:
+        """Append rows whose key the table does not hold yet and whose subject is not erased (see
+        ``lakehouse.writer``); returns how many rows were new. ``keys`` default to the table's
+        (``events``/``predictions``: ``(tenant, event_id)``, ``features``: ``(tenant, feature_id)``,
+        ...). ``keys_bound_by_time=False`` looks for the keys at any time, not only in the batch's
+        time range: for rows whose time is when they arrived, so that a retry lands at another time
+        (it scans all of the batch's tenants' files)."""
+        return self._append_prepared(table, self._prepare(table, rows), keys, keys_bound_by_time)
 
-    def writer(self, table: str, key: str | None = None) -> BatchingWriter:
-        """A background batching writer for one table; ``close()`` it (or use ``with``). Every
-        ``RETENTION_EVERY_WRITES`` writes it also expires what the snapshot retention lets go, so
-        that a long-lived writer (a stream's sink, the serving sink) keeps the table's history, and
-        with it the cost of each commit, bounded."""
+    def writer(self, table: str, keys: Sequence[str] | None = None, *, keys_bound_by_time: bool = True) -> BatchingWriter:
+        """A background batching writer for one table (``keys`` and ``keys_bound_by_time`` as for
+        ``append_idempotent``); ``close()`` it (or use ``with``). Every ``RETENTION_EVERY_WRITES``
+        writes it also expires what the snapshot retention lets go, so that a long-lived writer (a
+        stream's sink, the serving sink) keeps the table's history, and with it the cost of each
+        commit, bounded."""
         writes = itertools.count(1)
 
         def keep_history_bounded() -> None:
@@ -114,7 +123,7 @@ class Lakehouse:
         return BatchingWriter(
             name=table,
             convert=lambda rows: self._prepare(table, rows),
-            write=lambda batch: self._append_prepared(table, batch, key),
+            write=lambda batch: self._append_prepared(table, batch, keys, keys_bound_by_time),
             batch_rows=self.settings.writer_batch_rows,
             flush_seconds=self.settings.writer_flush_seconds,
             after_write=keep_history_bounded,
@@ -186,11 +195,29 @@ class Lakehouse:
             prepared = offload_large_payloads(prepared, lambda: self.table(EVENTS.name), self.settings.inline_payload_max_bytes)
         return prepared
 
-    def _append_prepared(self, table: str, rows: pa.Table, key: str | None) -> int:
+    def _append_prepared(self, table: str, rows: pa.Table, keys: Sequence[str] | None, keys_bound_by_time: bool) -> int:
         definition = table_def(table)
         return append_idempotent(
-            lambda: self.table(table), definition, rows, key or definition.key, self.settings.commit_retries
+            lambda: self.table(table),
+            definition,
+            rows,
+            (keys,) if isinstance(keys, str) else keys or definition.keys,
+            self.settings.commit_retries,
+            keys_bound_by_time=keys_bound_by_time,
+            erased_among=self._tombstones.erased_among if definition.has_subject else None,
+            on_withheld=self._delete_blobs if definition is EVENTS else None,
         )
+
+    @cached_property
+    def _tombstones(self) -> Tombstones:
+        return Tombstones(lambda: self.table(ERASURES.name))
+
+    def _delete_blobs(self, withheld_events: pa.Table) -> None:
+        """The payload blobs ``_prepare`` wrote for events that were then withheld (an erased
+        subject's): no row points to them, and they hold the subject's data."""
+        for uri in withheld_events["payload_uri"].drop_null().to_pylist():
+            with contextlib.suppress(FileNotFoundError):
+                self.io.delete(uri)
 
     # reads -------------------------------------------------------------------------------------
 
@@ -242,9 +269,11 @@ class Lakehouse:
         *,
         snapshot_id: int | None = None,
         columns: tuple[str, ...] | None = None,
+        num_cpus: float | None = None,
     ) -> ray.data.Dataset:
         """The rows ``read`` would return (unordered) as a Ray Dataset read by parallel Ray tasks,
-        pinned to ``snapshot_id`` (the current snapshot by default) for batch jobs."""
+        pinned to ``snapshot_id`` (the current snapshot by default) for batch jobs; each task asks
+        for ``num_cpus`` logical CPUs (Ray Data's default, 1, when None)."""
         definition = table_def(table)
         current = self.table(table)
         _require_snapshot(table, current, snapshot_id)
@@ -260,6 +289,7 @@ class Lakehouse:
             start=start,
             end=end,
             columns=columns,
+            num_cpus=num_cpus,
         )
 
     def snapshots(self, table: str) -> list[SnapshotInfo]:
@@ -288,11 +318,12 @@ class Lakehouse:
         """How a Ray task reaches this catalog (``ray.data.read_iceberg`` opens its own)."""
         return {"name": self.settings.catalog_name, **backend.catalog_properties(self.settings, self._all_settings.home_dir)}
 
-    def lineage(self, prediction_id: str) -> Lineage:
-        """The feature rows and model versions (with their training snapshots) behind a prediction."""
-        found = self.read(PREDICTIONS.name, where=EqualTo("prediction_id", prediction_id), limit=1).to_pylist()
+    def lineage(self, prediction_id: str, tenant: str) -> Lineage:
+        """The feature rows and model versions (with their training snapshots) behind one of
+        ``tenant``'s predictions (another tenant's is not found)."""
+        found = self.read(PREDICTIONS.name, tenant=tenant, where=EqualTo("prediction_id", prediction_id), limit=1).to_pylist()
         if not found:
-            raise LakehouseError(f"there is no prediction {prediction_id!r}")
+            raise LakehouseError(f"tenant {tenant!r} has no prediction {prediction_id!r}")
         prediction = found[0]
         named = dict(prediction["model_versions"] or [])
         models, unregistered = [], {}

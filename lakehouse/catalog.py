@@ -21,7 +21,7 @@ from pyiceberg.table import Table
 
 from lakehouse.commits import retry_on_conflict
 from lakehouse.errors import LakehouseError, TableMetadataError
-from lakehouse.tables import TABLE_PROPERTIES, TABLES
+from lakehouse.tables import TABLE_PROPERTIES, TABLES, TableDef
 from rtml.settings import LakehouseSettings
 
 # What a missing or damaged metadata file surfaces as when pyiceberg reads it.
@@ -72,8 +72,10 @@ def open_catalog(settings: LakehouseSettings, home: Path) -> Catalog:
 
 
 def ensure_tables(catalog: Catalog, namespace: str, commit_retries: int) -> None:
-    """Create the namespace and any missing table, and give existing tables the current
-    ``TABLE_PROPERTIES``; safe when several processes do it at once."""
+    """Create the namespace and any missing table, and bring existing tables up to date: the
+    current ``TABLE_PROPERTIES``, the columns added since the table was made (optional ones, at
+    the end) and the current key columns as identifier fields. Safe when several processes do it
+    at once."""
     catalog.create_namespace_if_not_exists(namespace)
     existing = {identifier[-1] for identifier in catalog.list_tables(namespace)}
     for table in TABLES.values():
@@ -86,21 +88,34 @@ def ensure_tables(catalog: Catalog, namespace: str, commit_retries: int) -> None
             )
         else:
             try:
-                retry_on_conflict(table.name, commit_retries, lambda name=table.name: _update_properties(catalog, namespace, name))
+                retry_on_conflict(table.name, commit_retries, lambda table=table: _bring_up_to_date(catalog, namespace, table))
             except TableMetadataError as error:  # the tables that can be read stay usable; this one fails where it is used
                 log.warning("%s", error)
 
 
-def _update_properties(catalog: Catalog, namespace: str, name: str) -> None:
-    current = load_table(catalog, namespace, name)
+def _bring_up_to_date(catalog: Catalog, namespace: str, table: TableDef) -> None:
+    current = load_table(catalog, namespace, table.name)
     changed = {
         key: value
         for key, value in TABLE_PROPERTIES.items()
         if key not in _FIXED_AT_CREATION and current.properties.get(key) != value
     }
-    if changed:
-        with current.transaction() as updating:
+    schema = current.schema()
+    missing_columns = set(table.schema.column_names) - set(schema.column_names)
+    keys_differ = schema.identifier_field_names() != set(table.keys)
+    if not (changed or missing_columns or keys_differ):
+        return
+    log.info(
+        "bringing table %s.%s up to date: properties %s, new columns %s, keys %s",
+        *(namespace, table.name, sorted(changed), sorted(missing_columns), table.keys),
+    )
+    with current.transaction() as updating:
+        if changed:
             updating.set_properties(changed)
+        if missing_columns or keys_differ:
+            with updating.update_schema() as evolving:
+                evolving.union_by_name(table.schema)
+                evolving.set_identifier_fields(*table.keys)
 
 
 def load_table(catalog: Catalog, namespace: str, name: str) -> Table:

@@ -40,7 +40,10 @@ def erase(
             str(erased.blobs_deleted),
         )
     console.print(table)
-    console.print(f"{report.rows_removed} row(s) removed; the erasure is recorded in the audit table.")
+    console.print(
+        f"{report.rows_removed} row(s) removed; the erasure is recorded in the audit table, and its tombstone "
+        "keeps later appends (replays) from bringing the subject's rows back."
+    )
 
 
 @app.command()

@@ -8,6 +8,12 @@ rewrite). Every write in this package is written as one unit of work that starts
 metadata, so the answer to a lost race is always the same: run the whole unit again, a bounded
 number of times, with jittered exponential back-off so that racing writers spread out.
 
+A unit can also lose a race by finding a file of the snapshot it started from gone: an erasure
+expires every snapshot that held its subject, the one just replaced by its delete among them, and
+deletes their files while other writers may still be working from it. ``files_may_vanish`` turns
+that into a conflict when the table has moved on meanwhile (and only then: a file missing from the
+current snapshot is damage, not a race).
+
 Appends go through ``transaction(table)``: pyiceberg 0.12 rebuilds (and deep-copies) the whole table
 metadata, every retained snapshot included, each time a transaction's ``table_metadata`` is read,
 about twenty times per append, so an append's cost grew with the table's history
@@ -18,7 +24,8 @@ yet). The transaction here builds it once per staged state instead; nothing else
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
@@ -64,6 +71,19 @@ def retry_on_conflict(table: str, attempts: int, unit: Callable[[], T]) -> T:
         before_sleep=before_sleep_log(log, logging.INFO),
     )
     return retrying(unit)
+
+
+@contextmanager
+def files_may_vanish(load: Callable[[], Table], started_from: Table) -> Iterator[None]:
+    """Inside a unit that works from ``started_from``: a file that is not found is a lost race (a
+    ``CommitFailedException``, so the unit runs again) if the table has moved on since, and stays
+    the error it is otherwise."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        if load().metadata_location != started_from.metadata_location:
+            raise CommitFailedException(f"a file of the snapshot this unit started from was expired meanwhile ({error})") from error
+        raise
 
 
 class _MetadataOnceTransaction(Transaction):

@@ -22,10 +22,12 @@ def iceberg_dataset(
     start: datetime | None = None,
     end: datetime | None = None,
     columns: Sequence[str] | None = None,
+    num_cpus: float | None = None,
 ) -> ray.data.Dataset:
     """Rows of one snapshot whose ``equals`` columns match and whose ``time_column`` lies in
     ``[start, end)``. Ray Data pushes the predicate down into the Iceberg scan, so files of other
-    tenants and days are never read."""
+    tenants and days are never read. Every task of the read asks for ``num_cpus`` logical CPUs
+    (Ray Data's default when None)."""
     import ray.data
     from ray.data.expressions import col
 
@@ -37,7 +39,9 @@ def iceberg_dataset(
         conditions.append(col(time_column) < end)
     for condition in conditions:
         predicate = condition if predicate is None else predicate & condition
-    dataset = ray.data.read_iceberg(table_identifier=table_identifier, catalog_kwargs=catalog_kwargs, snapshot_id=snapshot_id)
+    dataset = ray.data.read_iceberg(
+        table_identifier=table_identifier, catalog_kwargs=catalog_kwargs, snapshot_id=snapshot_id, num_cpus=num_cpus
+    )
     if predicate is not None:
-        dataset = dataset.filter(expr=predicate)
-    return dataset if columns is None else dataset.select_columns(list(columns))
+        dataset = dataset.filter(expr=predicate, num_cpus=num_cpus)
+    return dataset if columns is None else dataset.select_columns(list(columns), num_cpus=num_cpus)

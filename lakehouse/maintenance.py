@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.table import Table
 
-from lakehouse.commits import retry_on_conflict
+from lakehouse.commits import files_may_vanish, retry_on_conflict
 from lakehouse.tables import TABLES, TableDef, time_literal
 
 if TYPE_CHECKING:
@@ -76,8 +76,9 @@ def compact(load: Callable[[], Table], table: TableDef, min_files: int, small_fi
 
         def rewrite(condition: BooleanExpression = condition) -> None:
             current = load()
-            rows = current.scan(row_filter=condition).to_arrow().sort_by(table.time_column)
-            current.overwrite(rows, overwrite_filter=condition, snapshot_properties={"rtml.compaction": "true"})
+            with files_may_vanish(load, current):  # an erasure expiring the snapshot it read
+                rows = current.scan(row_filter=condition).to_arrow().sort_by(table.time_column)
+                current.overwrite(rows, overwrite_filter=condition, snapshot_properties={"rtml.compaction": "true"})
 
         retry_on_conflict(table.name, attempts, rewrite)
     return len(crowded)

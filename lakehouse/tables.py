@@ -6,10 +6,20 @@ training sets, dashboards); the day transform keeps partitions few enough for sm
 still letting a range scan skip whole days. ``models`` is tiny and read by tenant; ``audit`` is read
 by time.
 
+Keys (``TableDef.keys``, also the Iceberg schemas' identifier fields) are unique per tenant:
+``(tenant, event_id)`` for events and predictions, ``(tenant, <id>)`` for the other tenant-partitioned
+tables, because ids come from clients and tenants do not coordinate them. ``models`` (names are
+unique across tenants), ``audit`` and ``erasures`` keep a single key.
+
 Every table that can hold personal data has a nullable ``subject`` column so that erasure can find
 the rows (see ``lakehouse.erasure``). Column statistics of ``subject`` are switched off: Iceberg
 otherwise copies each file's lowest and highest value into manifests, which would keep subject ids
 in metadata files after their rows are gone.
+
+Columns added to a table after its first release go at the end of its field list and are optional:
+``catalog.ensure_tables`` adds them to existing tables, which number them after their existing
+fields, while a new table numbers every top-level field before the nested ones. The field ids of
+the two can therefore differ, and ``conform`` gives rows the ids of the table they go into.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
+from pyiceberg.table import Table
 from pyiceberg.transforms import DayTransform, IdentityTransform
 from pyiceberg.types import (
     BinaryType,
@@ -61,11 +72,11 @@ TABLE_PROPERTIES = {
 
 @dataclass(frozen=True)
 class TableDef:
-    """What the lakehouse knows about one table: its shape, its key and its time column."""
+    """What the lakehouse knows about one table: its shape, its key columns and its time column."""
 
     name: str
     schema: Schema
-    key: str
+    keys: tuple[str, ...]
     time_column: str
     partition_by_tenant: bool = True
     # Columns written as JSON text (free-form dictionaries such as event attributes).
@@ -116,21 +127,25 @@ class _Fields:
         return NestedField(field_id, name, ListType(self._id(), DoubleType(), element_required=True), required=True)
 
 
-def _schema(key: str, build: Any) -> Schema:
+def _schema(keys: tuple[str, ...], build: Any) -> Schema:
     fields = build(_Fields())
-    key_id = next(field.field_id for field in fields if field.name == key)
+    key_ids = [next(field.field_id for field in fields if field.name == key) for key in keys]
     # Numbered the way the catalog renumbers a new table's fields, so that Arrow tables built from
-    # this schema carry the field ids the table really has.
-    return assign_fresh_schema_ids(Schema(*fields, identifier_field_ids=[key_id]))
+    # this schema carry the field ids a new table really has (``conform`` covers evolved ones).
+    return assign_fresh_schema_ids(Schema(*fields, identifier_field_ids=key_ids))
+
+
+# A key that is unique per tenant: ids come from clients, and tenants do not coordinate them.
+EVENT_KEYS = ("tenant", "event_id")
 
 
 EVENTS = TableDef(
     name="events",
-    key="event_id",
+    keys=EVENT_KEYS,
     time_column="event_time",
     json_columns=("attributes",),
     schema=_schema(
-        "event_id",
+        EVENT_KEYS,
         lambda f: [
             f.required("event_id", StringType()),
             f.required("tenant", StringType()),
@@ -149,10 +164,10 @@ EVENTS = TableDef(
 
 FEATURES = TableDef(
     name="features",
-    key="feature_id",
+    keys=("tenant", "feature_id"),
     time_column="window_end",
     schema=_schema(
-        "feature_id",
+        ("tenant", "feature_id"),
         lambda f: [
             f.required("feature_id", StringType()),
             f.required("tenant", StringType()),
@@ -167,13 +182,13 @@ FEATURES = TableDef(
     ),
 )
 
-# Keyed by event id: a replay re-scores the same events under fresh prediction ids, and must not add rows.
+# Keyed by the event: a replay re-scores the same events under fresh prediction ids, and must not add rows.
 PREDICTIONS = TableDef(
     name="predictions",
-    key="event_id",
+    keys=EVENT_KEYS,
     time_column="event_time",
     schema=_schema(
-        "event_id",
+        EVENT_KEYS,
         lambda f: [
             f.required("prediction_id", StringType()),
             f.required("event_id", StringType()),
@@ -193,10 +208,10 @@ PREDICTIONS = TableDef(
 
 FEEDBACK = TableDef(
     name="feedback",
-    key="feedback_id",
+    keys=("tenant", "feedback_id"),
     time_column="created_at",
     schema=_schema(
-        "feedback_id",
+        ("tenant", "feedback_id"),
         lambda f: [
             f.required("feedback_id", StringType()),
             f.required("prediction_id", StringType()),
@@ -212,10 +227,10 @@ FEEDBACK = TableDef(
 
 MODELS = TableDef(
     name="models",
-    key="model_key",
+    keys=("model_key",),
     time_column="created_at",
     schema=_schema(
-        "model_key",
+        ("model_key",),
         lambda f: [
             f.required("model_key", StringType()),
             f.required("name", StringType()),
@@ -229,17 +244,19 @@ MODELS = TableDef(
             f.string_map("training_snapshot_ids", LongType()),
             f.optional("feature_set_version", StringType()),
             f.required("created_at", TimestamptzType()),
+            # The client's token of the registration that made this version (``ModelRegistry.register``).
+            f.optional("registration_token", StringType()),
         ],
     ),
 )
 
 ENRICHMENTS = TableDef(
     name="enrichments",
-    key="enrichment_id",
+    keys=("tenant", "enrichment_id"),
     time_column="created_at",
     json_columns=("details",),
     schema=_schema(
-        "enrichment_id",
+        ("tenant", "enrichment_id"),
         lambda f: [
             f.required("enrichment_id", StringType()),
             f.required("tenant", StringType()),
@@ -259,12 +276,12 @@ ENRICHMENTS = TableDef(
 # of whom it was about (and erasure never has to rewrite the audit trail).
 AUDIT = TableDef(
     name="audit",
-    key="audit_id",
+    keys=("audit_id",),
     time_column="at",
     partition_by_tenant=False,
     json_columns=("details",),
     schema=_schema(
-        "audit_id",
+        ("audit_id",),
         lambda f: [
             f.required("audit_id", StringType()),
             f.required("at", TimestamptzType()),
@@ -279,8 +296,25 @@ AUDIT = TableDef(
     ),
 )
 
+# Tombstones of erased data subjects (``lakehouse.erasure``), which every append of rows with a
+# subject checks. Like the audit trail it names a subject only by digest.
+ERASURES = TableDef(
+    name="erasures",
+    keys=("subject_digest",),
+    time_column="erased_at",
+    partition_by_tenant=False,
+    schema=_schema(
+        ("subject_digest",),
+        lambda f: [
+            f.required("subject_digest", StringType()),
+            f.required("erased_at", TimestamptzType()),
+            f.required("actor", StringType()),
+        ],
+    ),
+)
+
 TABLES: dict[str, TableDef] = {
-    table.name: table for table in (EVENTS, FEATURES, PREDICTIONS, FEEDBACK, MODELS, ENRICHMENTS, AUDIT)
+    table.name: table for table in (EVENTS, FEATURES, PREDICTIONS, FEEDBACK, MODELS, ENRICHMENTS, AUDIT, ERASURES)
 }
 
 
@@ -344,6 +378,21 @@ def _records_to_arrow(table: TableDef, rows: Iterable[Mapping[str, Any] | BaseMo
         return pa.table({name: pa.array([r.get(name) for r in records], type=types.get(name)) for name in names})
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as error:
         raise LakehouseError(f"{table.name}: rows do not fit the table's columns: {error}") from None
+
+
+def conform(rows: pa.Table, table: Table) -> pa.Table:
+    """``rows`` (with the table's columns, as ``to_arrow`` makes them) carrying the field ids of the
+    loaded ``table``: pyiceberg matches an Arrow table to the table schema by field id, and a table
+    that gained columns numbers them differently from a new one (see the module docstring)."""
+    schema = table.schema().as_arrow()
+    if rows.schema.equals(schema, check_metadata=True):
+        return rows
+    name = ".".join(table.name())
+    if missing := set(schema.names) - set(rows.column_names):
+        raise LakehouseError(f"table {name} has column(s) {sorted(missing)} that this rtml does not know; upgrade rtml to write to it")
+    if unknown := set(rows.column_names) - set(schema.names):
+        raise LakehouseError(f"table {name} lacks column(s) {sorted(unknown)}; `Lakehouse.open` adds them to existing tables")
+    return rows.select(schema.names).cast(schema)
 
 
 def plain_record(row: Mapping[str, Any] | BaseModel) -> dict[str, Any]:

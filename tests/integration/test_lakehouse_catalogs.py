@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -163,6 +164,95 @@ def test_large_binary_payloads_are_kept_as_blobs_and_read_back(lake):
     assert [lake.payload(stored[key]) for key in ("acme-ev-0", "acme-ev-1")] == [small, large]
 
 
+# keys are unique per tenant ---------------------------------------------------------------------
+
+
+def tenant_event(tenant: str, event_id: str = "42", seconds: int = 0) -> Event:
+    return Event(event_id=event_id, tenant=tenant, entity="pump-1", event_time=T0 + timedelta(seconds=seconds), value=1.0)
+
+
+def tenant_prediction(tenant: str, event_id: str = "42", seconds: int = 0) -> Prediction:
+    return Prediction(
+        event_id=event_id,
+        tenant=tenant,
+        entity="pump-1",
+        event_time=T0 + timedelta(seconds=seconds),
+        scores={},
+        ensemble_score=0.5,
+        is_anomaly=False,
+        model_versions={},
+    )
+
+
+def tenants_and_ids(lake: Lakehouse, table: str) -> list[tuple[str, str]]:
+    stored = lake.read(table)
+    return sorted(zip(stored["tenant"].to_pylist(), stored["event_id"].to_pylist(), strict=True))
+
+
+@pytest.mark.parametrize("table, row", [("events", tenant_event), ("predictions", tenant_prediction)])
+def test_tenants_sharing_an_event_id_each_keep_their_row(lake, table, row):
+    assert lake.append_idempotent(table, [row("a")]) == 1
+    assert lake.append_idempotent(table, [row("b")]) == 1
+    assert lake.append_idempotent(table, [row("c"), row("d")]) == 2  # two tenants in one batch
+    assert tenants_and_ids(lake, table) == [("a", "42"), ("b", "42"), ("c", "42"), ("d", "42")]
+    assert lake.append_idempotent(table, [row(tenant) for tenant in "abcd"]) == 0  # a replay adds nothing
+    assert lake.read(table).num_rows == 4
+
+
+def test_a_mixed_tenant_batch_adds_the_tenant_whose_event_is_not_stored_yet(lake):
+    assert lake.append_idempotent("events", [tenant_event("a")]) == 1
+    assert lake.append_idempotent("events", [tenant_event("a"), tenant_event("b"), tenant_event("b", "43")]) == 2
+    assert tenants_and_ids(lake, "events") == [("a", "42"), ("b", "42"), ("b", "43")]
+
+
+def test_keys_not_bound_by_time_find_a_retry_that_arrives_at_another_time(lake):
+    first, retry = tenant_prediction("a"), tenant_prediction("a", seconds=86_400)  # "now" a day later
+    assert lake.append_idempotent("predictions", [first], keys_bound_by_time=False) == 1
+    assert lake.append_idempotent("predictions", [retry], keys_bound_by_time=False) == 0
+    with lake.writer("predictions", keys_bound_by_time=False) as writer:
+        writer.submit([tenant_prediction("a", seconds=3 * 86_400), tenant_prediction("b", seconds=3 * 86_400)]).result(timeout=60)
+    assert tenants_and_ids(lake, "predictions") == [("a", "42"), ("b", "42")]
+    assert lake.read("predictions", tenant="a")["event_time"].to_pylist() == [first.event_time]
+    # The default narrows the key check to the batch's time range, which is why the option exists.
+    assert lake.append_idempotent("predictions", [retry]) == 1
+
+
+def test_a_lakehouse_made_before_composite_keys_and_tombstones_is_migrated_on_open(make_settings):
+    from pyiceberg.schema import Schema
+
+    from lakehouse.catalog import open_catalog
+    from lakehouse.tables import EVENTS, MODELS, TABLE_PROPERTIES, TABLES, to_arrow
+
+    settings = make_settings()
+    catalog = open_catalog(settings.lakehouse, settings.home_dir)
+    namespace = settings.lakehouse.namespace
+    catalog.create_namespace(namespace)
+    for table in TABLES.values():
+        if table.name == "erasures":
+            continue  # it did not exist yet
+        fields = [field for field in table.schema.fields if not (table is MODELS and field.name == "registration_token")]
+        first_key = table.schema.find_field(table.keys[-1]).field_id  # the old, single key
+        catalog.create_table(
+            (namespace, table.name),
+            schema=Schema(*fields, identifier_field_ids=[first_key]),
+            partition_spec=table.partition_spec(),
+            properties=TABLE_PROPERTIES,
+        )
+    catalog.load_table((namespace, "events")).append(to_arrow(EVENTS, [tenant_event("a")]))
+
+    lake = Lakehouse.open(settings)
+
+    events_table = lake.table("events")
+    assert set(events_table.schema().identifier_field_names()) == {"tenant", "event_id"}
+    assert "registration_token" in lake.table("models").schema().column_names
+    assert lake.append_idempotent("events", [tenant_event("a"), tenant_event("b")]) == 1
+    registered = lake.registry.register(model(), client_token="job-1")
+    assert lake.registry.register(model(), client_token="job-1") == registered
+    assert [m.key for m in lake.registry.list()] == ["acme-rnn@1"]
+    lake.erase("nobody", actor="test")  # the tombstone table was created too
+    assert lake.read("erasures").num_rows == 1
+
+
 # reads and time travel ---------------------------------------------------------------------------
 
 
@@ -244,6 +334,85 @@ def test_concurrent_registrations_get_distinct_versions(lake):
     assert sorted(versions) == [1, 2, 3, 4, 5, 6]
 
 
+def test_concurrent_weight_updates_are_compare_and_swap_and_equal_sequential_ones(lake):
+    lake.registry.register(model())
+    lake.registry.register(model("acme-cnn"))
+    lake.registry.set_weights("acme", {"acme-rnn@1": 0.5, "acme-cnn@1": 0.5})
+    factors = [(0.9, 1.1), (1.2, 0.7), (0.5, 1.0), (1.3, 0.95), (0.8, 1.25), (1.05, 0.6)]
+
+    def multiplicative(rnn: float, cnn: float):
+        # As the router re-weights: multiply, then keep the total; such updates commute.
+        def update(current: dict[str, float]) -> dict[str, float]:
+            new = {"acme-rnn@1": current["acme-rnn@1"] * rnn, "acme-cnn@1": current["acme-cnn@1"] * cnn}
+            scale = sum(current.values()) / sum(new.values())
+            return {key: value * scale for key, value in new.items()}
+
+        return update
+
+    start = threading.Barrier(len(factors))
+
+    def apply(rnn: float, cnn: float) -> None:
+        start.wait()
+        lake.registry.update_weights("acme", multiplicative(rnn, cnn))
+
+    threads = [threading.Thread(target=apply, args=pair) for pair in factors]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    expected = {"acme-rnn@1": 0.5, "acme-cnn@1": 0.5}
+    for pair in factors:
+        expected = multiplicative(*pair)(expected)
+    stored = {m.key: m.ensemble_weight for m in lake.registry.list(tenant="acme")}
+    assert stored == pytest.approx(expected, rel=1e-9)
+    assert lake.registry.update_weights("acme", lambda current: {}) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(LakehouseError, match="acme-gru@1"):
+        lake.registry.update_weights("acme", lambda current: {"acme-gru@1": 1.0})
+
+
+class CommitsThenLosesTheConnection:
+    """The models table whose first append commits and then fails as a dropped connection does:
+    the caller cannot tell that its commit landed."""
+
+    def __init__(self, table, failures: list[str]):
+        self._table, self._failures = table, failures
+
+    def __getattr__(self, name: str):
+        return getattr(self._table, name)
+
+    def append(self, *args, **kwargs) -> None:
+        self._table.append(*args, **kwargs)
+        if not self._failures:
+            self._failures.append("lost")
+            from sqlalchemy.exc import OperationalError
+
+            raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection unexpectedly"))
+
+
+def test_a_registration_whose_commit_outcome_was_unknown_is_not_registered_twice(lake):
+    from lakehouse import ModelRegistry
+
+    failures: list[str] = []
+    flaky = ModelRegistry(lambda: CommitsThenLosesTheConnection(lake.table("models"), failures), lake.settings.commit_retries)
+    registered = flaky.register(model(), client_token="train-acme-rnn-snapshot-1")
+    assert failures == ["lost"]  # the first commit really landed and was reported as failed
+    assert [m.key for m in lake.registry.list()] == ["acme-rnn@1"]
+    assert registered.key == "acme-rnn@1"
+
+
+def test_registering_with_a_known_token_returns_the_version_it_registered(lake):
+    first = lake.registry.register(model(), client_token="job-1")
+    lake.registry.promote("acme-rnn", first.version)  # rewriting the row keeps its token
+    again = lake.registry.register(model(metrics={"f1": 0.1}), client_token="job-1")
+    assert (again.key, again.status) == ("acme-rnn@1", ModelStatus.ACTIVE)
+    assert lake.registry.register(model(), client_token="job-2").version == 2
+    assert lake.registry.register(model()).version == 3  # no token: always a new version
+    with pytest.raises(LakehouseError, match="job-1"):
+        lake.registry.register(model("acme-cnn"), client_token="job-1")
+    assert [m.key for m in lake.registry.list()] == ["acme-rnn@3", "acme-rnn@2", "acme-rnn@1"]
+
+
 def feature_row(entity: str, minute: int, version: str = "fs1", subject: str | None = None) -> dict:
     return {
         "tenant": "acme",
@@ -299,7 +468,7 @@ def test_lineage_resolves_features_and_model_versions_with_training_snapshots(la
         model_versions={"acme-rnn": str(registered.version), "acme-gone": "4"},
     )
     lake.append_idempotent("predictions", [prediction])
-    lineage = lake.lineage(prediction.prediction_id)
+    lineage = lake.lineage(prediction.prediction_id, "acme")
     assert lineage.prediction["event_id"] == "acme-ev-1"
     assert [m.key for m in lineage.models] == ["acme-rnn@1"]
     assert lineage.models[0].training_snapshot_ids == {"events": training_snapshot}
@@ -307,7 +476,9 @@ def test_lineage_resolves_features_and_model_versions_with_training_snapshots(la
     assert lineage.features["window_start"].to_pylist() == [T0]
     assert lineage.unregistered_models == {"acme-gone": "4"}
     with pytest.raises(LakehouseError, match="no prediction"):
-        lake.lineage("nope")
+        lake.lineage("nope", "acme")
+    with pytest.raises(LakehouseError, match="tenant 'other' has no prediction"):
+        lake.lineage(prediction.prediction_id, "other")  # another tenant's prediction is not found
 
 
 # erasure -----------------------------------------------------------------------------------------
@@ -385,6 +556,78 @@ def test_erasure_leaves_no_trace_in_current_data_snapshots_or_files_and_is_audit
     assert json.loads(events_erasure["details"])["tags_dropped"] == ["rtml-training-acme-rnn-1"]
     assert "rtml-training-acme-rnn-1" not in lake.table("events").metadata.refs
     assert "alice" not in str(lake.read("audit").to_pylist())
+
+
+def test_an_erased_subject_is_not_brought_back_by_a_replay(lake, make_settings):
+    write_everything_about(lake, "alice", offset=0)
+    lake.erase("alice", actor="dpo")
+
+    write_everything_about(lake, "alice", offset=0)  # a rewind replays her rows
+    write_everything_about(lake, "bob", offset=100)
+
+    for table in WITH_SUBJECT:
+        assert rows_about(lake, table, "alice") == 0, table
+        assert rows_about(lake, table, "bob") > 0, table
+    assert lake.read("events").num_rows == 7  # bob's 5, and the two events that named nobody
+    assert parquet_files_holding(Path(make_settings().lakehouse.warehouse), "alice") == []
+    blobs = {path.name for path in Path(make_settings().lakehouse.warehouse).rglob("*") if path.is_file() and "blobs" in path.parts}
+    assert blobs == {"acme-ev-103"}  # bob's large payload; hers was not kept
+    [tombstone] = lake.read("erasures").to_pylist()
+    assert tombstone["subject_digest"] == lake.erase("alice", actor="dpo").subject_digest  # erasing again adds no tombstone
+    assert lake.read("erasures").num_rows == 1
+    assert "alice" not in str(lake.read("erasures").to_pylist())
+
+
+def test_an_erasure_racing_with_appends_of_its_subject_leaves_none_of_its_rows(lake):
+    appended: list[int] = []
+    erased = threading.Event()
+
+    def keep_appending() -> None:
+        # Her rows and others' in every batch, before, during and after the erasure.
+        for batch in range(24):
+            rows = events(4, subject="alice", start=batch * 10) + events(4, tenant="other", subject="bob", start=batch * 10)
+            lake.append_idempotent("events", rows)
+            appended.append(batch)
+            if batch >= 16 and not erased.is_set():
+                erased.wait(timeout=120)
+
+    appender = threading.Thread(target=keep_appending)
+    appender.start()
+    while len(appended) < 3:
+        time.sleep(0.05)
+    lake.erase("alice", actor="dpo")
+    erased.set()
+    appender.join()
+
+    assert rows_about(lake, "events", "alice") == 0
+    assert rows_about(lake, "events", "bob") == 24 * 4
+    for snapshot in lake.snapshots("events"):
+        assert rows_about(lake, "events", "alice", snapshot.snapshot_id) == 0
+
+
+@pytest.mark.parametrize("rows_before", [0, 2], ids=["no-rows-of-her-yet", "rows-of-her-stored"])
+def test_an_append_that_read_the_tombstones_just_before_an_erasure_re_runs_and_drops_its_rows(lake, rows_before):
+    from lakehouse.erasure import Tombstones
+    from lakehouse.tables import EVENTS, to_arrow
+    from lakehouse.writer import append_idempotent
+
+    lake.append_idempotent("events", events(rows_before, subject="alice", start=100))
+    tombstones = Tombstones(lambda: lake.table("erasures"))
+    seen: list[list[str]] = []
+
+    def erased_among(subjects: pa.Array) -> pa.Array:
+        erased = tombstones.erased_among(subjects)
+        if not seen:  # the whole erasure runs between this append's tombstone read and its commit
+            lake.erase("alice", actor="dpo")
+        seen.append(erased.to_pylist())
+        return erased
+
+    rows = to_arrow(EVENTS, events(3, subject="alice") + events(3, tenant="other", subject="bob"))
+    appended = append_idempotent(lambda: lake.table("events"), EVENTS, rows, EVENTS.keys, 8, erased_among=erased_among)
+
+    assert seen == [[], ["alice"]]  # its commit conflicted with the erasure's, and the re-run saw the tombstone
+    assert appended == 3
+    assert (rows_about(lake, "events", "alice"), rows_about(lake, "events", "bob")) == (0, 3)
 
 
 # maintenance and replication ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ from lakehouse.cli import replica_settings
 from lakehouse.errors import LakehouseError
 from lakehouse.features import feature_id, with_feature_ids
 from lakehouse.tables import EVENTS, PREDICTIONS, TABLES, to_arrow
-from lakehouse.writer import first_row_per_key
+from lakehouse.writer import first_row_per_key, without_keys
 from rtml.schemas import Event, Prediction
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -68,7 +68,36 @@ def test_nanosecond_pandas_timestamps_are_accepted():
 
 def test_first_row_of_each_key_wins_within_a_batch():
     rows = pa.table({"k": ["a", "b", "a", "c", "b"], "v": [1, 2, 3, 4, 5]})
-    assert first_row_per_key(rows, "k").to_pydict() == {"k": ["a", "b", "c"], "v": [1, 2, 4]}
+    assert first_row_per_key(rows, ("k",)).to_pydict() == {"k": ["a", "b", "c"], "v": [1, 2, 4]}
+
+
+def test_a_composite_key_keeps_one_row_per_tenant_and_id():
+    rows = pa.table({"tenant": ["a", "b", "a", "c", "b"], "event_id": ["42"] * 4 + ["43"], "v": [1, 2, 3, 4, 5]})
+    kept = first_row_per_key(rows, ("tenant", "event_id"))
+    assert kept.to_pydict() == {"tenant": ["a", "b", "c", "b"], "event_id": ["42", "42", "42", "43"], "v": [1, 2, 4, 5]}
+
+
+def test_held_keys_are_matched_on_every_key_column():
+    rows = pa.table({"tenant": ["a", "b", "b"], "event_id": ["42", "42", "43"], "v": [1, 2, 3]})
+    held = pa.table({"tenant": ["a", "c"], "event_id": ["42", "43"]})
+    assert without_keys(rows, held, ("tenant", "event_id"))["v"].to_pylist() == [2, 3]
+
+
+def test_tenant_partitioned_keyed_tables_are_keyed_per_tenant_and_the_schemas_say_so():
+    keys = {name: table.keys for name, table in TABLES.items()}
+    assert keys == {
+        "events": ("tenant", "event_id"),
+        "features": ("tenant", "feature_id"),
+        "predictions": ("tenant", "event_id"),
+        "feedback": ("tenant", "feedback_id"),
+        "models": ("model_key",),
+        "enrichments": ("tenant", "enrichment_id"),
+        "audit": ("audit_id",),
+        "erasures": ("subject_digest",),
+    }
+    for table in TABLES.values():
+        assert table.schema.identifier_field_names() == set(table.keys), table.name
+    assert "subject" not in TABLES["erasures"].schema.column_names  # a tombstone names nobody
 
 
 def test_feature_ids_are_deterministic_and_filled_in():
