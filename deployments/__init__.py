@@ -7,5 +7,6 @@ Public faces: ``deployments.app:build_app`` (the Serve application), ``deploymen
 ensemble logic without Ray, ``wire`` the HTTP formats, ``store`` the router's way to the lakehouse.
 
 Other packages reach the router through a Serve handle, e.g. stream consumers:
-``serve.get_deployment_handle("ModelRouter", app_name).score.remote(ScoreRequest(...))``.
+``serve.get_deployment_handle("ModelRouter", app_name).score.remote(rtml.schemas.ScoreRequest(...))``
+(``deployments.stream_client``).
 """

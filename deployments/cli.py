@@ -6,6 +6,9 @@ deployments, because it wires one to the other). Heavy imports stay inside the f
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -47,7 +50,11 @@ def up(
     for name, (status, route) in control.running_apps().items():
         if name != settings.serving.app_name:  # e.g. the GraphQL API once it is deployed
             console.print(f"  app {name:10s} {status}: {address}{route.rstrip('/')}")
-    console.print(f"  Ray dashboard:  http://{cluster.dashboard_url or f'127.0.0.1:{settings.serving.dashboard_port}'}")
+    dashboard = f"http://{cluster.dashboard_url or f'127.0.0.1:{settings.serving.dashboard_port}'}"
+    console.print(f"  Ray dashboard:  {dashboard}")
+    # Ray's CLI sends the token of its token authentication only when told (RAY_AUTH_MODE).
+    ray = "ray" if shutil.which("ray") else str(Path(sys.executable).with_name("ray"))
+    console.print(f"  retrain:        RAY_AUTH_MODE=token {ray} job submit --address {dashboard} -- rtml train --tenant T")
 
 
 def demo(

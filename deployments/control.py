@@ -14,6 +14,7 @@ This module is the only one that talks to the Serve controller (through Serve's 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -33,7 +34,7 @@ from deployments.app import IMPORT_PATH, ROUTER, AppArgs
 from deployments.router import RolloutConfig, RouterConfig
 from rtml.errors import RtmlError
 from rtml.schemas import ModelVersion
-from rtml.settings import Settings
+from rtml.settings import Settings, settings_file
 
 DEPLOY_TIMEOUT_S = 300.0
 # Serve's own proxy timeout sits above the Ingress's, so that the Ingress answers a slow request
@@ -190,6 +191,32 @@ def cluster_environment(settings: Settings, notes: list[str]) -> dict[str, str]:
     return env
 
 
+def cluster_cpus(settings: Settings) -> int:
+    """The logical CPUs of the cluster ``rtml up`` starts: the machine's cores, which the app's
+    replicas are sized to share (7 x 0.25 of 2 here), plus room for one retraining job
+    (``models.training.job_cpus``, rounded up). Logical CPUs are Ray's admission tokens, not cores:
+    the replicas hold theirs while they wait for requests, so without the room a job submitted to
+    the serving cluster could never start, and shrinking the job or the replicas to fit the 0.25
+    left would last only until one more replica. With it, one job at a time runs beside the app,
+    on the same cores, and one that finds no room is refused (``models.training.require_room``)."""
+    from models.training import job_cpus
+
+    return len(os.sched_getaffinity(0)) + math.ceil(job_cpus(settings))
+
+
+def job_environment(settings: Settings) -> dict[str, str]:
+    """What jobs submitted to the cluster get from its processes' environment (a job's entrypoint
+    runs in a shell that inherits the raylet's): this venv's ``bin`` first on PATH, so that ``ray
+    job submit -- rtml train ...`` finds the console script whether or not the venv was activated,
+    and the home and settings file of ``settings`` as absolute paths, so that a job reads the
+    lakehouse the app serves from, whatever its working directory."""
+    path = os.pathsep.join(entry for entry in (str(Path(sys.executable).parent), os.environ.get("PATH")) if entry)
+    environment = {"PATH": path, "RTML_HOME": str(settings.home_dir)}
+    if config := settings_file():
+        environment["RTML_CONFIG"] = str(Path(config).resolve())
+    return environment
+
+
 def ensure_haproxy() -> str | None:
     """None when Serve finds a haproxy binary (ray[serve] bundles one on Linux; else Debian's,
     installed here when missing and we may); otherwise why it cannot be had."""
@@ -211,14 +238,21 @@ def ensure_haproxy() -> str | None:
 def connect_or_start_cluster(settings: Settings) -> LocalCluster:
     """Connect to the Ray head at ``serving.ray_port`` on this machine, starting it (``ray start
     --head``) if nothing listens there. Only that port counts: other Ray clusters on the machine
-    (tests, other users) are left alone. ``ray start`` turns Ray's token authentication on, so this
-    process must have ``RAY_AUTH_MODE=token`` in its environment before Ray is imported."""
+    (tests, other users) are left alone. A cluster it starts has room for one retraining job beside
+    the app (``cluster_cpus``, unless ``serving.ray_start_args`` sets ``--num-cpus``) and gives jobs
+    ``job_environment``. ``ray start`` turns Ray's token authentication on, so this process must have
+    ``RAY_AUTH_MODE=token`` in its environment before Ray is imported."""
     notes: list[str] = []
     address = f"127.0.0.1:{settings.serving.ray_port}"
     running = _listening(address)
     if running:
-        notes.append(f"a Ray cluster was already running at {address}: it keeps the Serve options it was started with")
+        notes.append(
+            f"a Ray cluster was already running at {address}: it keeps the Serve options, CPUs and job "
+            "environment it was started with"
+        )
     else:
+        extra = settings.serving.ray_start_args
+        declared = any(arg.split("=", 1)[0] == "--num-cpus" for arg in extra)
         command = [
             str(Path(sys.executable).with_name("ray")),
             "start",
@@ -228,8 +262,10 @@ def connect_or_start_cluster(settings: Settings) -> LocalCluster:
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={settings.serving.dashboard_port}",
             "--disable-usage-stats",
+            *([] if declared else [f"--num-cpus={cluster_cpus(settings)}"]),
+            *extra,
         ]
-        environment = {**os.environ, **cluster_environment(settings, notes)}
+        environment = {**os.environ, **cluster_environment(settings, notes), **job_environment(settings)}
         started = subprocess.run(command, capture_output=True, text=True, env=environment)
         if started.returncode != 0:
             raise RtmlError(f"`ray start --head` failed:\n{started.stderr.strip() or started.stdout.strip()}")

@@ -16,11 +16,23 @@ Model health: a model whose call fails (after retrying a replica that died) or t
 out of every plan for ``serving.unhealthy_cooldown_s``; its tenants are scored by their other
 models meanwhile, and the response names the versions that were used.
 
-Predictions go to the ``PredictionSink`` deployment (the lakehouse writer, in its own process) without
-waiting, once per scored group.
+Predictions are durable before they are answered: each scored group's rows go to the
+``PredictionSink`` deployment (its own process), which answers once they are in its write-ahead log,
+and only then does a request get its result; a group whose rows cannot be logged is a 503 with
+``Retry-After``. The wait happens after the ``@serve.batch`` call, so the next batch is scored
+meanwhile, and the sink puts concurrent groups into one fsync. Requests of stream consumers
+(``persist=False``) write their own rows and do not wait. A request whose client gave event ids
+without event times gets its arrival time as event time, and its rows are marked for the key check
+that ignores time (``deployments.store``): a retry of the same event lands on the same row.
 
-Feedback re-weights the ensemble (``deployments.ensemble.reweight``) and persists the weights in
-the registry before it returns, so a restart or a redeploy keeps them.
+Payloads too large for one gRPC message (a request of 50,000 windows, a merged group, its rows)
+travel by reference (``deployments.calls.sized``).
+
+Feedback re-weights the ensemble (``deployments.ensemble.reweight``) as one compare-and-swap on the
+weights stored in the registry (``ServingStore.update_weights``): every router replica starts from
+the stored weights, so concurrent verdicts on several replicas compose as if applied one after
+the other, and a restart or a redeploy keeps them. The replica adopts the stored result. A
+prediction is looked up within the verdict's tenant only.
 
 The AgentGraph slot: ``agent_graph`` is an optional handle to a deployment with an
 ``explain(predictions: list[rtml.schemas.Prediction])`` method; when given, the router hands it
@@ -39,23 +51,16 @@ from datetime import datetime, timezone
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.calls import awaited, batch_size, call_with_retry
+from deployments.calls import awaited, batch_size, call_with_retry, sized
 from deployments.ensemble import Member, OnlineAccuracy, Plan, TenantEnsemble, combine, reweight
-from deployments.records import (
-    MAX_BATCH_ITEMS,
-    Rejection,
-    ScoreRequest,
-    ScoreResult,
-    new_batch_id,
-    prediction_ids,
-    split_prediction_id,
-)
-from deployments.store import LakehouseStore, PredictionDetails, RolloutSpec, ScoredBatch, ServingStore, prediction_rows
-from rtml.schemas import Feedback, Prediction
+from deployments.records import MAX_BATCH_ITEMS, new_batch_id, prediction_ids, split_prediction_id
+from deployments.store import TIME_BOUND, LakehouseStore, RolloutSpec, ScoredBatch, ServingStore
+from rtml.schemas import Feedback, Prediction, Refusal, ScoreRequest, ScoreResult, prediction_table
 from rtml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -115,16 +120,28 @@ class ModelRouter:
 
     # scoring ---------------------------------------------------------------------------------
 
-    async def score(self, request: ScoreRequest) -> ScoreResult | Rejection:
+    async def score(self, request: ScoreRequest) -> ScoreResult | Refusal:
         """Score one request (one or many windows of one tenant)."""
         return (await self.score_many([request]))[0]
 
-    async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResult | Rejection]:
-        """Score several requests; each gets its own result or refusal."""
-        return await self._score_batches(requests)
+    async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResult | Refusal]:
+        """Score several requests; each gets its own result (once its predictions are durable) or
+        refusal."""
+        scored = await self._score_batches(requests)
+        return [await self._once_durable(result, durable) for result, durable in scored]
+
+    async def _once_durable(self, result: ScoreResult | Refusal, durable: asyncio.Future | None) -> ScoreResult | Refusal:
+        if durable is None:
+            return result
+        try:
+            await asyncio.shield(durable)  # shared by the group's requests: one's cancellation is not theirs
+        except Exception as error:  # the sink's reason is logged there; the client may retry
+            log.error("the prediction sink could not log a batch: %s", type(error).__name__)
+            return Refusal(503, "the predictions could not be stored durably right now; retry later", self._serving.retry_after_s)
+        return result
 
     @serve.batch(max_concurrent_batches=ROUTER_CONCURRENT_BATCHES)
-    async def _score_batches(self, batches: list[list[ScoreRequest]]) -> list[list[ScoreResult | Rejection]]:
+    async def _score_batches(self, batches: list[list[ScoreRequest]]) -> list[list[tuple[ScoreResult | Refusal, asyncio.Future | None]]]:
         flat = [request for batch in batches for request in batch]
         results = await self._score_all(flat)
         answers, start = [], 0
@@ -133,20 +150,23 @@ class ModelRouter:
             start += len(batch)
         return answers
 
-    async def _score_all(self, requests: list[ScoreRequest]) -> list[ScoreResult | Rejection]:
+    async def _score_all(self, requests: list[ScoreRequest]) -> list[tuple[ScoreResult | Refusal, asyncio.Future | None]]:
+        """Each request's result or refusal, with the write of its predictions to wait for (None:
+        nothing to wait for)."""
         await self._ensure_fresh({request.tenant for request in requests})
-        results: list[ScoreResult | Rejection | None] = [None] * len(requests)
+        results: list[tuple[ScoreResult | Refusal, asyncio.Future | None] | None] = [None] * len(requests)
         groups: dict[tuple, tuple[Plan, list[int]]] = {}
         unhealthy = self._unhealthy_now()
         for index, request in enumerate(requests):
             checked = self._checked(request)
-            if isinstance(checked, Rejection):
-                results[index] = checked
+            if isinstance(checked, Refusal):
+                results[index] = (checked, None)
                 continue
             plan = self._ensembles[request.tenant].plan(request.data_type, unhealthy, self._draw)
             if not plan.members:
-                results[index] = Rejection(
-                    503, f"no healthy {request.data_type} model of tenant {request.tenant!r} right now", self._serving.retry_after_s
+                results[index] = (
+                    Refusal(503, f"no healthy {request.data_type} model of tenant {request.tenant!r} right now", self._serving.retry_after_s),
+                    None,
                 )
                 continue
             identity = (request.tenant, tuple(m.key for m in plan.members), tuple(m.key for m in plan.shadows))
@@ -156,30 +176,30 @@ class ModelRouter:
         )
         for (_, indices), outcome in zip(groups.values(), outcomes):
             for position, index in enumerate(indices):
-                results[index] = outcome if isinstance(outcome, Rejection) else outcome[position]
+                results[index] = (outcome, None) if isinstance(outcome, Refusal) else (outcome[0][position], outcome[1])
         return results  # type: ignore[return-value]
 
-    def _checked(self, request: ScoreRequest) -> ScoreRequest | Rejection:
+    def _checked(self, request: ScoreRequest) -> ScoreRequest | Refusal:
         """The request with windows in its tenant's models' input shape, or why it cannot be scored."""
         ensemble = self._ensembles.get(request.tenant)
         if ensemble is None:
-            return Rejection(404, f"unknown tenant {request.tenant!r}: it has no active model versions")
+            return Refusal(404, f"unknown tenant {request.tenant!r}: it has no active model versions")
         shape = ensemble.input_shape(request.data_type)
         if shape is None:
-            return Rejection(404, f"tenant {request.tenant!r} has no active model for {request.data_type} data")
+            return Refusal(404, f"tenant {request.tenant!r} has no active model for {request.data_type} data")
         if len(request) > MAX_BATCH_ITEMS:
-            return Rejection(413, f"{len(request)} windows in one request; split it into requests of at most {MAX_BATCH_ITEMS}")
+            return Refusal(413, f"{len(request)} windows in one request; split it into requests of at most {MAX_BATCH_ITEMS}")
         windows = request.windows
         if windows.shape[1:] != shape:
             if windows.ndim == 2 and windows.shape[1] == int(np.prod(shape)):
                 request.windows = windows.reshape(len(windows), *shape)
             else:
-                return Rejection(
+                return Refusal(
                     422, f"tenant {request.tenant!r}'s {request.data_type} models take items of shape {list(shape)}, got {list(windows.shape[1:])}"
                 )
         return request
 
-    async def _score_group(self, plan: Plan, requests: list[ScoreRequest]) -> list[ScoreResult] | Rejection:
+    async def _score_group(self, plan: Plan, requests: list[ScoreRequest]) -> tuple[list[ScoreResult], asyncio.Future | None] | Refusal:
         windows = requests[0].windows if len(requests) == 1 else np.concatenate([request.windows for request in requests])
         models = plan.members + plan.shadows
         outcomes = await asyncio.gather(*(self._call_model(model, windows) for model in models), return_exceptions=True)
@@ -191,7 +211,7 @@ class ModelRouter:
                 scored[model.key] = outcome
         members = [member for member in plan.members if member.key in scored]
         if not members:
-            return Rejection(503, f"every model of tenant {requests[0].tenant!r} failed; try again", self._serving.retry_after_s)
+            return Refusal(503, f"every model of tenant {requests[0].tenant!r} failed; try again", self._serving.retry_after_s)
         shadows = [shadow for shadow in plan.shadows if shadow.key in scored]
         matrix = np.stack([scored[model.key] for model in (*members, *shadows)])
         ensemble = combine(matrix[: len(members)], np.array([member.weight for member in members]))
@@ -202,7 +222,7 @@ class ModelRouter:
         ids = prediction_ids(batch_id, 0, len(windows))
         model_versions = {member.name: str(member.version) for member in members}
         weights = {member.key: member.weight for member in members}
-        self._record(requests, ids, batch, ensemble, is_anomaly, model_versions)
+        durable = self._record(requests, ids, batch, ensemble, is_anomaly, model_versions)
         results, start = [], 0
         for request in requests:
             end = start + len(request)
@@ -217,10 +237,10 @@ class ModelRouter:
                 )
             )
             start = end
-        return results
+        return results, durable
 
     async def _call_model(self, model: Member, windows: np.ndarray) -> np.ndarray:
-        handle = self._scorers[model.kind].options(multiplexed_model_id=model.artifact_uri)
+        handle = sized(self._scorers[model.kind], windows.nbytes + len(windows) * 4).options(multiplexed_model_id=model.artifact_uri)
         return await asyncio.wait_for(
             call_with_retry(lambda: awaited(handle.score.remote(windows))), self._serving.request_timeout_s
         )
@@ -248,36 +268,43 @@ class ModelRouter:
         ensemble: np.ndarray,
         is_anomaly: np.ndarray,
         model_versions: dict[str, str],
-    ) -> None:
-        """Hand the batch's predictions to the lakehouse writer and its anomalies to the agent
-        graph; neither is waited for."""
+    ) -> asyncio.Future | None:
+        """Send the batch's predictions to the sink and its anomalies to the agent graph; return
+        the sink's write (done once the rows are durable), which the answers wait for. The agent
+        graph is not waited for."""
         persist = self._serving.persist_predictions and any(request.persist for request in requests)
         if not (persist or (self._agent_graph is not None and is_anomaly.any())):
-            return
-        details = _details(requests, ids)
+            return None
+        group = _group_request(requests, ids)
+        durable = None
         if persist:
-            rows = prediction_rows(requests[0].tenant, ids, batch, ensemble, is_anomaly, model_versions, details)
+            scored = ScoreResult(ids, ensemble, is_anomaly, dict(zip(batch.member_keys, batch.scores)), model_versions)
+            shadows = dict(zip(batch.shadow_keys, batch.scores[len(batch.member_keys) :]))
+            rows = prediction_table(group, scored, time.time(), shadows).append_column(TIME_BOUND, pa.array(_keys_bound_by_time(requests)))
             if not all(request.persist for request in requests):
                 rows = rows.filter(np.repeat([request.persist for request in requests], [len(request) for request in requests]))
-            self._in_background(self._sink.write.remote(rows), "the prediction sink could not take a batch")
+            sink = sized(self._sink, rows.nbytes)
+            durable = asyncio.ensure_future(call_with_retry(lambda: awaited(sink.write.remote(rows))))
+            durable.add_done_callback(_retrieved)  # its requests may all have been cancelled meanwhile
         if self._agent_graph is not None and is_anomaly.any():
             anomalies = [
                 Prediction(
                     prediction_id=ids[index],
-                    event_id=details.event_ids[index],
+                    event_id=group.event_ids[index],
                     tenant=batch.tenant,
-                    entity=details.entities[index],
-                    event_time=details.event_times[index],
+                    entity=group.entities[index],
+                    event_time=datetime.fromtimestamp(group.event_times_us[index] / 1e6, timezone.utc),
                     scores=batch.of(index)[0],
                     ensemble_score=float(ensemble[index]),
                     is_anomaly=True,
                     model_versions=model_versions,
-                    latency_ms=details.latency_ms[index],
-                    subject=details.subjects[index],
+                    latency_ms=float(time.time() - group.available_at[index]) * 1000.0,
+                    subject=group.subjects[index],
                 )
                 for index in np.flatnonzero(is_anomaly).tolist()
             ]
             self._in_background(self._agent_graph.explain.remote(anomalies), "the agent graph failed on a batch of anomalies")
+        return durable
 
     def _in_background(self, response, failure: str) -> None:
         """Let a call run without waiting for it; log if it fails."""
@@ -316,45 +343,57 @@ class ModelRouter:
     # feedback --------------------------------------------------------------------------------
 
     async def feedback(self, items: Sequence[Feedback]) -> list[dict]:
-        """Apply verdicts on predictions: per-model online accuracy, re-weighted ensembles
-        (persisted before this returns), and the feedback rows in the lakehouse. Each item gets
-        ``{"prediction_id", "weights", "online_accuracy"}`` or ``{"prediction_id", "error"}``."""
+        """Apply verdicts on predictions: per-model online accuracy, re-weighted ensembles (one
+        compare-and-swap of each tenant's stored weights, done before this returns), and the
+        feedback rows in the lakehouse. Each item gets ``{"prediction_id", "weights",
+        "online_accuracy"}`` or ``{"prediction_id", "error"}``."""
         await self._ensure_fresh({item.tenant for item in items})
-        answers, touched = [], set()
+        answers: list[dict] = []
+        verdicts: dict[str, list[tuple[dict, dict[str, float], bool]]] = {}  # tenant -> (answer, member scores, is_anomaly)
         for item in items:
-            found = self._remembered(item.prediction_id) or await asyncio.to_thread(self._store.prediction, item.prediction_id)
-            if found is None or found[0] != item.tenant:
+            found = self._remembered(item.tenant, item.prediction_id) or await asyncio.to_thread(
+                self._store.prediction, item.tenant, item.prediction_id
+            )
+            if found is None:
                 answers.append({"prediction_id": item.prediction_id, "error": f"tenant {item.tenant!r} has no prediction {item.prediction_id!r}"})
                 continue
-            tenant, member_scores, shadow_scores = found
+            member_scores, shadow_scores = found
             self._accuracy.record({**member_scores, **shadow_scores}, item.is_anomaly, self._threshold)
-            ensemble = self._ensembles.get(tenant)
-            known = {key: weight for key in member_scores if ensemble and (weight := ensemble.weight_of(key)) is not None}
-            if known:
-                learned = reweight(known, {key: member_scores[key] for key in known}, item.is_anomaly, self._serving.feedback_learning_rate)
-                self._ensembles[tenant] = ensemble.with_weights(learned)
-                touched.add(tenant)
-            answers.append(
-                {
-                    "prediction_id": item.prediction_id,
-                    "weights": {key: self._ensembles[tenant].weight_of(key) for key in known},
-                    "online_accuracy": self._accuracy.of([*member_scores, *shadow_scores]),
-                }
-            )
-        async with self._registry_lock:
-            for tenant in touched:
-                ensemble = self._ensembles[tenant]
-                weights = {m.key: m.weight for m in (*ensemble.members, *(r.member for r in ensemble.rollouts))}
-                await asyncio.to_thread(self._store.set_weights, tenant, weights)
+            answer = {"prediction_id": item.prediction_id, "weights": {}, "online_accuracy": self._accuracy.of([*member_scores, *shadow_scores])}
+            answers.append(answer)
+            verdicts.setdefault(item.tenant, []).append((answer, member_scores, item.is_anomaly))
+        for tenant, tenant_verdicts in verdicts.items():
+            weights = await asyncio.to_thread(self._store.update_weights, tenant, self._reweighting(tenant_verdicts))
+            if tenant in self._ensembles:
+                self._ensembles[tenant] = self._ensembles[tenant].with_weights(weights)
         await asyncio.to_thread(self._store.write_feedback, items)
         return answers
 
-    def _remembered(self, prediction_id: str) -> tuple[str, dict[str, float], dict[str, float]] | None:
+    def _reweighting(self, verdicts: list[tuple[dict, dict[str, float], bool]]):
+        """The update of a tenant's stored weights that applies ``verdicts`` one after the other;
+        it fills each verdict's answer with the weights after it (the last run's, if the
+        compare-and-swap re-runs it)."""
+
+        def update(stored: dict[str, float]) -> dict[str, float]:
+            weights = dict(stored)
+            for answer, member_scores, is_anomaly in verdicts:
+                known = [key for key in member_scores if key in weights]
+                if known:
+                    learned = reweight(
+                        {key: weights[key] for key in known}, {key: member_scores[key] for key in known}, is_anomaly, self._serving.feedback_learning_rate
+                    )
+                    weights.update(learned)
+                answer["weights"] = {key: weights[key] for key in known}
+            return {key: weight for key, weight in weights.items() if weight != stored[key]}
+
+        return update
+
+    def _remembered(self, tenant: str, prediction_id: str) -> tuple[dict[str, float], dict[str, float]] | None:
         location = split_prediction_id(prediction_id)
         batch = self._batches.get(location[0]) if location else None
-        if batch is None or location[1] >= batch.scores.shape[1]:
+        if batch is None or batch.tenant != tenant or location[1] >= batch.scores.shape[1]:
             return None
-        return (batch.tenant, *batch.of(location[1]))
+        return batch.of(location[1])
 
     async def health(self) -> dict:
         """A cheap liveness answer for the Ingress's /healthz."""
@@ -383,19 +422,40 @@ class ModelRouter:
         self._store.close()
 
 
-def _details(requests: list[ScoreRequest], ids: list[str]) -> PredictionDetails:
-    """Per-item event ids, entities, times, subjects and latencies of a group, with defaults."""
-    now = datetime.now(timezone.utc)
-    finished = time.time()
-    details = PredictionDetails([], [], [], [], [])
+def _group_request(requests: list[ScoreRequest], ids: list[str]) -> ScoreRequest:
+    """A scored group's requests as one, every per-window field filled in: the prediction id as
+    event id and the arrival time as event time where the client gave none."""
+    now = time.time()
+    entities, event_ids, times, subjects, available = [], [], [], [], []
     start = 0
     for request in requests:
         count = len(request)
-        details.event_ids.extend(request.event_ids or ids[start : start + count])
-        details.entities.extend(request.entities or [""] * count)
-        details.event_times.extend(request.event_times or [now] * count)
-        details.subjects.extend(request.subjects or [None] * count)
-        latency = (finished - request.received_at) * 1000.0 if request.received_at else 0.0
-        details.latency_ms.extend([latency] * count)
+        entities.extend(request.entities or [""] * count)
+        event_ids.extend(request.event_ids or ids[start : start + count])
+        times.append(request.event_times_us if request.event_times_us is not None else np.full(count, round(now * 1e6), np.int64))
+        subjects.extend(request.subjects or [None] * count)
+        available.append(request.available_at if request.available_at is not None else np.full(count, now))
         start += count
-    return details
+    return ScoreRequest(
+        tenant=requests[0].tenant,
+        windows=np.empty((start, 0), np.float32),  # scored already: only the metadata goes on
+        data_type=requests[0].data_type,
+        entities=entities,
+        event_ids=event_ids,
+        event_times_us=np.concatenate(times),
+        subjects=subjects,
+        available_at=np.concatenate(available),
+    )
+
+
+def _keys_bound_by_time(requests: list[ScoreRequest]) -> list[bool]:
+    """Per window, whether its prediction's key may be checked within its event time: not where
+    the client gave an event id without an event time, which a retry gets anew (deployments.store)."""
+    return [
+        bound for request in requests for bound in [not (request.event_ids and request.event_times_us is None)] * len(request)
+    ]
+
+
+def _retrieved(done: asyncio.Future) -> None:
+    if not done.cancelled():
+        done.exception()

@@ -1,35 +1,42 @@
-"""The router's one way to the lakehouse: active model versions and weights from the registry,
-predictions and feedback into their tables through background batching writers, and a prediction's
-per-model scores for feedback that arrives after the router forgot the batch.
+"""The serving app's one way to the lakehouse: active model versions and weights from the
+registry, predictions and feedback into their tables through background batching writers, and a
+prediction's per-model scores for feedback that arrives after the router forgot the batch.
+
+Prediction rows carry one column the table does not: ``TIME_BOUND``, whether the row's idempotency
+key may be checked within its event time. It is true unless the client gave an event id without an
+event time; such a row got its arrival time as event time, and a retry of it arrives at another
+time, so its key is checked across all of its tenant's rows (``keys_bound_by_time=False``), which
+costs a scan of the tenant's key column. Every other row keeps the cheap time-bounded check.
 
 ``ServingStore`` is the interface the router depends on; ``LakehouseStore`` is its one
 implementation, over ``lakehouse.Lakehouse`` (embedded SQLite catalog by default, PostgreSQL/REST
-by settings). It is synchronous: the router calls it from worker threads.
+by settings). It is synchronous: the router and the sink call it from worker threads.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import cached_property
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyiceberg.expressions import EqualTo
 
 from deployments.ensemble import Member, Rollout, TenantEnsemble, member_from
 from models.scoring import IMAGE_KINDS, load_scorer
 from rtml.errors import RtmlError
-from rtml.schemas import Feedback, ModelStatus, ModelVersion
+from rtml.schemas import SHADOW_PREFIX, Feedback, ModelStatus, ModelVersion
 from rtml.settings import Settings
 
 log = logging.getLogger(__name__)
-# How the predictions table keeps shadow scores: beside the ensemble's scores, marked as such.
-SHADOW_PREFIX = "shadow:"
+# The column of prediction rows that says how their key is checked (see the module docstring).
+TIME_BOUND = "keys_bound_by_time"
 
 
 @dataclass(frozen=True)
@@ -60,13 +67,17 @@ class ScoredBatch:
 class ServingStore(Protocol):
     def load_ensembles(self, rollouts: Sequence[RolloutSpec]) -> dict[str, TenantEnsemble]: ...
 
-    def set_weights(self, tenant: str, weights: Mapping[str, float]) -> None: ...
+    def update_weights(self, tenant: str, update: Callable[[dict[str, float]], Mapping[str, float]]) -> dict[str, float]:
+        """Apply ``update`` to the tenant's stored weights by model key as one compare-and-swap
+        (re-run on the winner's weights when a concurrent update wins); the weights after it."""
 
-    def prediction(self, prediction_id: str) -> tuple[str, dict[str, float], dict[str, float]] | None:
-        """(tenant, member scores, shadow scores) of a stored prediction, None if there is none."""
+    def prediction(self, tenant: str, prediction_id: str) -> tuple[dict[str, float], dict[str, float]] | None:
+        """(member scores, shadow scores) of the tenant's stored prediction; None if the tenant has
+        no such prediction (another tenant's is never found)."""
 
-    def write_predictions(self, rows: pa.Table) -> None:
-        """Queue rows for the predictions table; returns at once."""
+    def write_predictions(self, rows: pa.Table) -> list[Future]:
+        """Submit prediction rows (with their ``TIME_BOUND`` column); returns at once, with futures
+        that complete when the rows are durable in the table."""
 
     def write_feedback(self, feedback: Sequence[Feedback]) -> None:
         """Store feedback durably; returns when it is."""
@@ -88,6 +99,10 @@ class LakehouseStore:
     @cached_property
     def _predictions(self):
         return self._lake.writer("predictions")
+
+    @cached_property
+    def _predictions_any_time(self):
+        return self._lake.writer("predictions", keys_bound_by_time=False)
 
     @cached_property
     def _feedback(self):
@@ -129,74 +144,31 @@ class LakehouseStore:
             self._input_shapes[version.artifact_uri] = shape
         return member_from(version, shape)
 
-    def set_weights(self, tenant: str, weights: Mapping[str, float]) -> None:
-        self._lake.registry.set_weights(tenant, weights)
+    def update_weights(self, tenant: str, update: Callable[[dict[str, float]], Mapping[str, float]]) -> dict[str, float]:
+        return self._lake.registry.update_weights(tenant, update)
 
-    def prediction(self, prediction_id: str) -> tuple[str, dict[str, float], dict[str, float]] | None:
-        rows = self._lake.read("predictions", where=EqualTo("prediction_id", prediction_id), columns=("tenant", "scores"), limit=1)
+    def prediction(self, tenant: str, prediction_id: str) -> tuple[dict[str, float], dict[str, float]] | None:
+        rows = self._lake.read("predictions", tenant=tenant, where=EqualTo("prediction_id", prediction_id), columns=("scores",), limit=1)
         if rows.num_rows == 0:
             return None
-        row = rows.to_pylist()[0]
-        scores = dict(row["scores"] or [])
+        scores = dict(rows["scores"][0].as_py() or [])
         members = {key: value for key, value in scores.items() if not key.startswith(SHADOW_PREFIX)}
         shadows = {key[len(SHADOW_PREFIX) :]: value for key, value in scores.items() if key.startswith(SHADOW_PREFIX)}
-        return row["tenant"], members, shadows
+        return members, shadows
 
-    def write_predictions(self, rows: pa.Table) -> None:
-        self._predictions.submit(rows)
+    def write_predictions(self, rows: pa.Table) -> list[Future]:
+        bound = rows[TIME_BOUND]
+        rows = rows.drop_columns([TIME_BOUND])
+        if pc.all(bound).as_py():
+            return [self._predictions.submit(rows)]
+        if not pc.any(bound).as_py():
+            return [self._predictions_any_time.submit(rows)]
+        return [self._predictions.submit(rows.filter(bound)), self._predictions_any_time.submit(rows.filter(pc.invert(bound)))]
 
     def write_feedback(self, feedback: Sequence[Feedback]) -> None:
         self._feedback.submit(list(feedback)).result()
 
     def close(self) -> None:
-        for name in ("_predictions", "_feedback"):
+        for name in ("_predictions", "_predictions_any_time", "_feedback"):
             if name in self.__dict__:
                 self.__dict__[name].close()
-
-
-def prediction_rows(
-    tenant: str,
-    prediction_ids: list[str],
-    batch: ScoredBatch,
-    ensemble_scores: np.ndarray,
-    is_anomaly: np.ndarray,
-    model_versions: Mapping[str, str],
-    details: PredictionDetails,
-) -> pa.Table:
-    """The predictions-table rows of one scored batch, built column by column (no per-row Python)."""
-    count = len(prediction_ids)
-    keys = list(batch.member_keys) + [SHADOW_PREFIX + key for key in batch.shadow_keys]
-    timestamp = pa.timestamp("us", tz="UTC")
-    return pa.table(
-        {
-            "prediction_id": pa.array(prediction_ids, pa.string()),
-            "event_id": pa.array(details.event_ids, pa.string()),
-            "tenant": pa.array([tenant] * count, pa.string()),
-            "entity": pa.array(details.entities, pa.string()),
-            "event_time": pa.array(details.event_times, timestamp),
-            "scores": _string_map(keys, pa.array(batch.scores.T.reshape(-1), pa.float64()), count),
-            "ensemble_score": pa.array(ensemble_scores, pa.float64()),
-            "is_anomaly": pa.array(is_anomaly, pa.bool_()),
-            "model_versions": _string_map(list(model_versions), pa.array(list(model_versions.values()) * count, pa.string()), count),
-            "latency_ms": pa.array(details.latency_ms, pa.float64()),
-            "created_at": pa.array([datetime.now(timezone.utc)] * count, timestamp),
-            "subject": pa.array(details.subjects, pa.string()),
-        }
-    )
-
-
-@dataclass
-class PredictionDetails:
-    """What the predictions table keeps about each item beyond its scores, one value per item."""
-
-    event_ids: list[str]
-    entities: list[str]
-    event_times: list[datetime]
-    subjects: list[str | None]
-    latency_ms: list[float]
-
-
-def _string_map(keys: list[str], values: pa.Array, rows: int) -> pa.MapArray:
-    """A map column whose every row has ``keys``, with row-major ``values`` ``[rows * len(keys)]``."""
-    offsets = pa.array(np.arange(0, rows * len(keys) + 1, len(keys), dtype=np.int32))
-    return pa.MapArray.from_arrays(offsets, pa.array(keys * rows, pa.string()), values)

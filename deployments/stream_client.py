@@ -2,7 +2,7 @@
 ``DeploymentHandle`` (streaming cannot import deployments, so the adapter lives here).
 
     client = RouterEnsembleClient(app_name)  # small and picklable: it travels to consumer actors
-    answers = client.score(window_batches)   # one ScoredWindows or Refusal per batch
+    answers = client.score(requests)         # one ScoreResult or Refusal per ScoreRequest
     client = deploy_scoring(settings)        # deploy the app on the connected cluster, then the above
 
 The handle is looked up where the client is used, on first use, so that a consumer actor's
@@ -20,15 +20,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
-from datetime import datetime, timezone
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.app import ROUTER
-from deployments.records import Rejection, ScoreRequest, ScoreResult
+from rtml.schemas import Refusal, ScoreRequest, ScoreResult
 from rtml.settings import Settings
-from streaming.scoring import Refusal, ScoredWindows, WindowBatch
 
 
 def deploy_scoring(settings: Settings) -> RouterEnsembleClient:
@@ -54,30 +52,16 @@ class RouterEnsembleClient:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["app_name"], state["timeout_s"])
 
-    def score(self, batches: list[WindowBatch]) -> list[ScoredWindows | Refusal]:
-        requests = [
-            ScoreRequest(
-                tenant=batch.tenant,
-                windows=batch.windows,
-                data_type=batch.data_type,
-                entities=batch.entities,
-                event_ids=batch.event_ids,
-                event_times=[datetime.fromtimestamp(us / 1e6, tz=timezone.utc) for us in batch.event_times_us.tolist()],
-                subjects=batch.subjects,
-                received_at=float(batch.available_at.min()) if len(batch) else 0.0,
-                persist=False,
-            )
-            for batch in batches
-        ]
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult | Refusal]:
         answer = asyncio.run_coroutine_threadsafe(self._score_many(requests), self._event_loop())
         try:
             results = answer.result(timeout=self._timeout_s)
         except FutureTimeout:
             answer.cancel()
             raise TimeoutError(f"the ModelRouter of app {self._app_name!r} did not answer within {self._timeout_s:g}s") from None
-        return [_answer(result) for result in results]
+        return results
 
-    async def _score_many(self, requests: list[ScoreRequest]) -> list[ScoreResult | Rejection]:
+    async def _score_many(self, requests: list[ScoreRequest]) -> list[ScoreResult | Refusal]:
         if self._router is None:
             self._router = serve.get_deployment_handle(ROUTER, app_name=self._app_name)
         return await self._router.score_many.remote(requests)
@@ -88,9 +72,3 @@ class RouterEnsembleClient:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="router-client", daemon=True).start()
             return self._loop
-
-
-def _answer(result: ScoreResult | Rejection) -> ScoredWindows | Refusal:
-    if isinstance(result, ScoreResult):
-        return ScoredWindows(result.prediction_ids, result.ensemble_scores, result.is_anomaly, result.scores, result.model_versions)
-    return Refusal(result.status, result.reason, result.retry_after_s)

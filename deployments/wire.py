@@ -23,7 +23,7 @@ batch: ``{"tenant", "model_versions", "weights", "predictions": [{"prediction_id
 without a loop over windows.
 
 Every refusal is ``{"error": reason}`` with a 4xx/5xx status; nothing here raises anything but
-``Refused``.
+``rtml.schemas.Refusal``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ import orjson
 import pyarrow as pa
 from pydantic import TypeAdapter, ValidationError
 
-from deployments.records import Rejection, ScoreRequest, ScoreResult
-from rtml.schemas import DataType, EntityId, EventId, SubjectId, TenantId, UtcDatetime
+from rtml.schemas import DataType, EntityId, EventId, Refusal, ScoreRequest, ScoreResult, SubjectId, TenantId, UtcDatetime, micros
 
 JSON = "application/json"
 NPY = "application/x-npy"
@@ -55,14 +54,6 @@ _SINGLE_KEYS = {"tenant", "data_type", "window", "entity", "event_id", "event_ti
 _BATCH_KEYS = {"tenant", "data_type", "windows", "entity", "entities", "event_ids", "event_times", "subjects"}
 
 
-class Refused(Exception):
-    """A request that cannot be scored as sent; carries the HTTP answer."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.rejection = Rejection(status, reason)
-
-
 def parse_predict(body: bytes, content_type: str, query: Mapping[str, str], max_windows: int) -> tuple[ScoreRequest, str]:
     """The request in ``body``, and the response shape it asks for (``"single"``, ``"rows"`` or
     ``"columns"``)."""
@@ -74,11 +65,11 @@ def parse_predict(body: bytes, content_type: str, query: Mapping[str, str], max_
     elif media_type == ARROW_STREAM:
         request, shape = _from_arrow(body, query), "columns"
     else:
-        raise Refused(415, f"unsupported content type {media_type!r}; send {JSON}, {NPY} or {ARROW_STREAM}")
+        raise Refusal(415, f"unsupported content type {media_type!r}; send {JSON}, {NPY} or {ARROW_STREAM}")
     if len(request) == 0:
-        raise Refused(400, "no windows to score")
+        raise Refusal(400, "no windows to score")
     if len(request) > max_windows:
-        raise Refused(413, f"{len(request)} windows in one request; the limit is {max_windows}, split the batch")
+        raise Refusal(413, f"{len(request)} windows in one request; the limit is {max_windows}, split the batch")
     return request, shape
 
 
@@ -89,7 +80,7 @@ def _checked(adapter: TypeAdapter, value: Any, name: str, expected: str) -> Any:
     except ValidationError as error:
         problem = error.errors(include_url=False)[0]
         where = "".join(f"[{part}]" for part in problem["loc"])
-        raise Refused(400, f"'{name}'{where} must be {expected}: {problem['msg']}") from None
+        raise Refusal(400, f"'{name}'{where} must be {expected}: {problem['msg']}") from None
 
 
 def _tenant(value: Any) -> str:
@@ -99,7 +90,7 @@ def _tenant(value: Any) -> str:
 def _data_type(value: Any) -> str:
     value = DataType.METRIC.value if value is None else value
     if value not in _SCORED_DATA_TYPES:
-        raise Refused(400, f"'data_type' must be one of {list(_SCORED_DATA_TYPES)} to be scored, not {value!r}")
+        raise Refusal(400, f"'data_type' must be one of {list(_SCORED_DATA_TYPES)} to be scored, not {value!r}")
     return value
 
 
@@ -107,11 +98,11 @@ def _windows(values: Any, what: str) -> np.ndarray:
     try:
         windows = np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError):
-        raise Refused(400, f"{what} must be equally long lists of numbers") from None
+        raise Refusal(400, f"{what} must be equally long lists of numbers") from None
     if windows.ndim < 2 or windows.shape[1] == 0:
-        raise Refused(400, f"{what} must hold windows (lists of numbers), got an array of shape {list(windows.shape)}")
+        raise Refusal(400, f"{what} must hold windows (lists of numbers), got an array of shape {list(windows.shape)}")
     if not np.isfinite(windows).all():
-        raise Refused(400, f"{what} contain NaN or infinite values; drop or fill them before scoring")
+        raise Refusal(400, f"{what} contain NaN or infinite values; drop or fill them before scoring")
     return windows
 
 
@@ -120,7 +111,7 @@ def _per_window(adapter: TypeAdapter, values: Any, count: int, name: str, expect
     if values is None:
         return None
     if not isinstance(values, list) or len(values) != count:
-        raise Refused(400, f"'{name}' must be a list of {count} {expected}, one per window")
+        raise Refusal(400, f"'{name}' must be a list of {count} {expected}, one per window")
     return _checked(adapter, values, name, f"a list of {expected}")
 
 
@@ -128,15 +119,15 @@ def _from_json(body: bytes, query: Mapping[str, str]) -> tuple[ScoreRequest, str
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise Refused(400, f"the body is not valid JSON: {error}") from None
+        raise Refusal(400, f"the body is not valid JSON: {error}") from None
     if not isinstance(document, dict):
-        raise Refused(400, "the body must be a JSON object with 'tenant' and 'window' or 'windows'")
+        raise Refusal(400, "the body must be a JSON object with 'tenant' and 'window' or 'windows'")
     single = "window" in document
     if single == ("windows" in document):
-        raise Refused(400, "give either 'window' (one window) or 'windows' (a list of windows)")
+        raise Refusal(400, "give either 'window' (one window) or 'windows' (a list of windows)")
     unknown = set(document) - (_SINGLE_KEYS if single else _BATCH_KEYS)
     if unknown:
-        raise Refused(400, f"unknown field(s) {sorted(unknown)}; see the predict request format")
+        raise Refusal(400, f"unknown field(s) {sorted(unknown)}; see the predict request format")
     tenant = _tenant(document.get("tenant", query.get("tenant")))
     data_type = _data_type(document.get("data_type", query.get("data_type")))
     if single:
@@ -159,7 +150,7 @@ def _from_json(body: bytes, query: Mapping[str, str]) -> tuple[ScoreRequest, str
         data_type=data_type,
         entities=_per_window(_ENTITIES, entities, count, "entity" if single else "entities", "entity names"),
         event_ids=_per_window(_EVENT_IDS, event_ids, count, "event_id" if single else "event_ids", "event ids"),
-        event_times=_per_window(_TIMES, event_times, count, "event_time" if single else "event_times", "ISO 8601 times"),
+        event_times_us=_micros(_per_window(_TIMES, event_times, count, "event_time" if single else "event_times", "ISO 8601 times")),
         subjects=_per_window(_SUBJECTS, subjects, count, "subject" if single else "subjects", "subject ids or nulls"),
     )
     return request, "single" if single else "rows"
@@ -170,9 +161,9 @@ def _from_npy(body: bytes, query: Mapping[str, str]) -> ScoreRequest:
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
-        raise Refused(400, f"the body is not a .npy array: {error}") from None
+        raise Refusal(400, f"the body is not a .npy array: {error}") from None
     if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
-        raise Refused(400, f"the .npy array must hold numbers, not {array.dtype}")
+        raise Refusal(400, f"the .npy array must hold numbers, not {array.dtype}")
     windows = _windows(array, "the .npy windows")
     entity = query.get("entity")
     return ScoreRequest(
@@ -188,21 +179,21 @@ def _from_arrow(body: bytes, query: Mapping[str, str]) -> ScoreRequest:
     try:
         table = pa.ipc.open_stream(body).read_all()
     except (pa.ArrowInvalid, OSError) as error:
-        raise Refused(400, f"the body is not an Arrow IPC stream: {error}") from None
+        raise Refusal(400, f"the body is not an Arrow IPC stream: {error}") from None
     if "window" not in table.column_names:
-        raise Refused(400, f"the Arrow table needs a 'window' column (list of floats); it has {table.column_names}")
+        raise Refusal(400, f"the Arrow table needs a 'window' column (list of floats); it has {table.column_names}")
     column = table["window"].combine_chunks()
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)):
-        raise Refused(400, f"the 'window' column must be a list of floats, not {column.type}")
+        raise Refusal(400, f"the 'window' column must be a list of floats, not {column.type}")
     if column.null_count:
-        raise Refused(400, f"{column.null_count} window(s) are null")
+        raise Refusal(400, f"{column.null_count} window(s) are null")
     lengths = np.unique(column.value_lengths().to_numpy(zero_copy_only=False))
     if len(lengths) != 1:
-        raise Refused(400, f"every window must have the same length; got lengths {lengths.tolist()[:5]}")
+        raise Refusal(400, f"every window must have the same length; got lengths {lengths.tolist()[:5]}")
     try:
         values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     except (pa.ArrowInvalid, TypeError, ValueError):
-        raise Refused(400, f"the 'window' values must be numbers, not {column.type.value_type}") from None
+        raise Refusal(400, f"the 'window' values must be numbers, not {column.type.value_type}") from None
     windows = _windows(values.reshape(len(column), int(lengths[0])), "the Arrow windows")
     return ScoreRequest(
         tenant=tenant,
@@ -210,9 +201,13 @@ def _from_arrow(body: bytes, query: Mapping[str, str]) -> ScoreRequest:
         data_type=_data_type(query.get("data_type")),
         entities=_arrow_column(table, "entity", _ENTITIES, "entity names"),
         event_ids=_arrow_column(table, "event_id", _EVENT_IDS, "event ids"),
-        event_times=_arrow_times(table),
+        event_times_us=_micros(_arrow_times(table)),
         subjects=_arrow_column(table, "subject", _SUBJECTS, "subject ids or nulls"),
     )
+
+
+def _micros(times: list[datetime] | None) -> np.ndarray | None:
+    return None if times is None else np.fromiter((micros(moment) for moment in times), np.int64, len(times))
 
 
 def _arrow_column(table: pa.Table, name: str, adapter: TypeAdapter, expected: str) -> list | None:
@@ -223,7 +218,7 @@ def _arrow_column(table: pa.Table, name: str, adapter: TypeAdapter, expected: st
 
 def _arrow_times(table: pa.Table) -> list[datetime] | None:
     if "event_time" in table.column_names and not pa.types.is_timestamp(table["event_time"].type):
-        raise Refused(400, f"the 'event_time' column must hold timestamps, not {table['event_time'].type}")
+        raise Refusal(400, f"the 'event_time' column must hold timestamps, not {table['event_time'].type}")
     return _arrow_column(table, "event_time", _TIMES, "timestamps")
 
 
@@ -269,5 +264,5 @@ def encode_result(request: ScoreRequest, result: ScoreResult, shape: str) -> byt
     return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def encode_rejection(rejection: Rejection) -> bytes:
-    return orjson.dumps({"error": rejection.reason})
+def encode_refusal(refusal: Refusal) -> bytes:
+    return orjson.dumps({"error": refusal.reason})

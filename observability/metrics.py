@@ -26,6 +26,14 @@ DEAD_LETTERS = Counter(
     ["group"],
 )
 FEATURE_WINDOWS = Counter("rtml_feature_windows_total", "Final feature windows written.", ["group"])
+CONSUMER_FAILURES = Counter(
+    "rtml_stream_consumer_failures",
+    "Failed scoring calls and lakehouse writes of stream consumers, by stage (scoring, write) and "
+    "reason: retried (it may pass later; the consumer retried the call or rewound to its checkpoints), "
+    "gave_up (it kept failing for streaming.give_up_after_s; the consumer stopped) or permanent (a "
+    "retry cannot cure it; the consumer stopped). Alert on any reason but retried.",
+    ["group", "stage", "reason"],
+)
 EVENT_TO_PREDICTION = Histogram(
     "rtml_event_to_prediction_seconds",
     "From the moment an event was available in the log to its ensemble score.",

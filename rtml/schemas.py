@@ -9,12 +9,14 @@ with the same field names.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
+import pyarrow as pa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
@@ -123,6 +125,110 @@ def validate_events(documents: Sequence[Any]) -> tuple[list[Event | None], list[
     for i, event in zip(good, _EVENTS.validate_python([documents[i] for i in good])):
         events[i] = event
     return events, reasons
+
+
+@dataclass
+class ScoreRequest:
+    """Windows of one tenant and data type to score, with what the predictions table keeps about
+    each: what a stream consumer sends the ModelRouter and what the Ingress makes of an HTTP
+    request. Columnar, so that windows and times cross every hop as numpy arrays.
+
+    ``windows`` is ``float32 [n, *item_shape]``; every per-window field is either None (defaults:
+    a fresh event id, the arrival time as event time, an empty entity) or holds one value per
+    window."""
+
+    tenant: str
+    windows: np.ndarray
+    data_type: str = DataType.METRIC.value
+    entities: list[str] | None = None
+    event_ids: list[str] | None = None
+    event_times_us: np.ndarray | None = None  # int64 microseconds since the epoch
+    subjects: list[str | None] | None = None
+    # Wall-clock seconds at which each window's event became available (a stream record's log time,
+    # an HTTP request's arrival): event-to-prediction latency is measured from here.
+    available_at: np.ndarray | None = None  # float64
+    # False: the caller writes the predictions itself (stream consumers, which commit their offsets
+    # only once their own write is durable), so the router does not.
+    persist: bool = True
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+
+@dataclass
+class ScoreResult:
+    """Scores of one request's windows, in request order."""
+
+    prediction_ids: list[str]
+    ensemble_scores: np.ndarray  # float32 [n] in [0, 1]
+    is_anomaly: np.ndarray  # bool [n]
+    scores: dict[str, np.ndarray]  # model key "name@version" -> float32 [n]
+    model_versions: dict[str, str]  # model name -> version
+    weights: dict[str, float] = field(default_factory=dict)  # model key -> ensemble weight used
+
+
+class Refusal(Exception):
+    """Why a request is not scored, as an HTTP status and a reason a person can act on: returned in
+    place of a ``ScoreResult`` and raised by the request parsers. 4xx means it never will be as sent
+    (``permanent``), 5xx that it may be later (after ``retry_after_s``)."""
+
+    def __init__(self, status: int, reason: str, retry_after_s: float | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.retry_after_s = status, reason, retry_after_s
+
+    @property
+    def permanent(self) -> bool:
+        return self.status < 500
+
+    def __reduce__(self):  # travels between processes with all of its fields
+        return type(self), (self.status, self.reason, self.retry_after_s)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Refusal) and (self.status, self.reason, self.retry_after_s) == (other.status, other.reason, other.retry_after_s)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# How the predictions table keeps a shadow model's scores: beside the ensemble's, marked as such.
+SHADOW_PREFIX = "shadow:"
+
+
+def prediction_table(
+    request: ScoreRequest, result: ScoreResult, scored_at: float, shadow_scores: Mapping[str, np.ndarray] | None = None
+) -> pa.Table:
+    """The lakehouse ``predictions`` rows of a scored request, built column by column (no per-row
+    Python), for the stream's consumers and the serving sink alike. Per-window fields the request
+    leaves out get the ``ScoreRequest`` defaults: the prediction id as event id, ``scored_at`` as
+    event time, an empty entity, no subject, no latency."""
+    count = len(result.prediction_ids)
+    timestamp = pa.timestamp("us", tz="UTC")
+    scored_us = round(scored_at * 1e6)
+    scores = {**result.scores, **{SHADOW_PREFIX + key: values for key, values in (shadow_scores or {}).items()}}
+    per_model = np.stack([np.asarray(values, np.float64) for values in scores.values()], axis=1) if scores else np.empty((count, 0))
+    names = list(result.model_versions)
+    latency_ms = (scored_at - request.available_at) * 1000.0 if request.available_at is not None else np.zeros(count)
+    return pa.table(
+        {
+            "prediction_id": pa.array(result.prediction_ids, pa.string()),
+            "event_id": pa.array(request.event_ids or result.prediction_ids, pa.string()),
+            "tenant": pa.array([request.tenant] * count, pa.string()),
+            "entity": pa.array(request.entities or [""] * count, pa.string()),
+            "event_time": pa.array(request.event_times_us if request.event_times_us is not None else np.full(count, scored_us), timestamp),
+            "scores": _same_keys_map(list(scores), pa.array(per_model.ravel(), pa.float64()), count),
+            "ensemble_score": pa.array(np.asarray(result.ensemble_scores, np.float64)),
+            "is_anomaly": pa.array(np.asarray(result.is_anomaly, bool)),
+            "model_versions": _same_keys_map(names, pa.array([result.model_versions[name] for name in names] * count, pa.string()), count),
+            "latency_ms": pa.array(latency_ms, pa.float64()),
+            "created_at": pa.array(np.full(count, scored_us), timestamp),
+            "subject": pa.array(request.subjects or [None] * count, pa.string()),
+        }
+    )
+
+
+def _same_keys_map(keys: list[str], values: pa.Array, rows: int) -> pa.MapArray:
+    """A map column whose every row holds ``keys``, the values given row after row."""
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * len(keys))
+    return pa.MapArray.from_arrays(offsets, pa.array(keys * rows, pa.string()), values)
 
 
 class Prediction(BaseModel):

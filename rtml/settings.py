@@ -107,6 +107,11 @@ class StreamingSettings(BaseModel):
     # Batches a consumer may have sent for scoring without their scores back: it reads on meanwhile,
     # so a batch does not wait for the previous one's scores.
     scoring_batches_in_flight: int = Field(default=2, ge=1)
+    # How long a consumer keeps retrying failures that can pass later (a broker, catalog or model
+    # replica away, back-pressure, 5xx refusals) with no batch becoming durable meanwhile, before it
+    # stops with an error and rtml_stream_consumer_failures_total{reason="gave_up"}: long enough to
+    # ride out a broker or catalog restart, bounded so that it never re-scores the same events forever.
+    give_up_after_s: float = Field(default=300.0, gt=0)
     # Per data type: "stream" (window and score now) or "batch" (only land in the events table).
     routes: dict[str, Literal["stream", "batch"]] = Field(
         default_factory=lambda: {"metric": "stream", "image": "stream", "record": "batch"}
@@ -160,6 +165,9 @@ class ServingSettings(BaseModel):
     max_queued_requests: int = 1024
     # Largest number of windows one predict request may carry.
     max_request_windows: int = 65536
+    # Largest predict body (HTTP 413 beyond it): room for max_request_windows windows of 32 values
+    # as JSON (~20 bytes a value), read into memory whole by the Ingress.
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     # The longest a request waits for its scores before it gets a 503 with Retry-After.
     request_timeout_s: float = 10.0
     retry_after_s: float = 1.0
@@ -172,6 +180,11 @@ class ServingSettings(BaseModel):
     # Scored batches remembered per router replica so feedback finds per-model scores without a read.
     remembered_batches: int = 20000
     persist_predictions: bool = True
+    # The prediction sink's write-ahead log (Arrow IPC files; a predict is answered once its rows
+    # are in it). A path, or a pyarrow filesystem URI (s3://...) that every node reaches, so that a
+    # sink replica restarted on another node replays what its predecessor logged.
+    # Empty: <home>/serving/prediction-log.
+    prediction_log_dir: str = ""
     # Serve's per-request access log lines (errors are logged either way); off for throughput.
     access_log: bool = False
     # Ray Serve's throughput options for the cluster `rtml up` starts: direct gRPC between replicas,
@@ -179,13 +192,26 @@ class ServingSettings(BaseModel):
     # doubled requests/s on 2 cores (benchmarks/RESULTS.md).
     throughput_optimized: bool = True
     haproxy: bool = True
+    # Extra options of the `ray start --head` that `rtml up` runs, e.g. '["--temp-dir=/tmp/r2",
+    # "--ray-client-server-port=10011"]' for a second cluster beside another on one machine.
+    ray_start_args: list[str] = Field(default_factory=list)
 
 
 class RayTrainSettings(BaseModel):
+    """`rtml train` (``models.training``), in-process or as a Ray job on the serving cluster."""
+
     num_workers: int = 1
     use_gpu: bool = False
     epochs: int = 5
     holdout_fraction: float = 0.2
+    # Logical CPUs of each Ray Train worker and of each Ray Data task of the job. Half a core each:
+    # a worker trains on one thread, and the job needs one worker and one data task at once (the
+    # cluster `rtml up` starts declares that much room beside the app, deployments.control).
+    worker_cpus: float = Field(default=0.5, gt=0)
+    data_task_cpus: float = Field(default=0.5, gt=0)
+    # How long a job waits for that room to be free before it refuses, naming what is missing
+    # (Ray would otherwise queue its tasks silently for as long as the app holds the CPUs).
+    resources_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -214,9 +240,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("RTML_CONFIG") or (
-            DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).is_file() else None
-        )
+        config_file = settings_file()
         if config_file:
             if not Path(config_file).is_file():
                 raise FileNotFoundError(f"RTML_CONFIG names {config_file!r}, which is not a file")
@@ -226,6 +250,11 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+
+def settings_file() -> str | None:
+    """The YAML file settings are read from: ``RTML_CONFIG``, else ``./rtml.yaml`` when present."""
+    return os.environ.get("RTML_CONFIG") or (DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).is_file() else None)
 
 
 @lru_cache(maxsize=1)

@@ -6,12 +6,14 @@ Public face:
 - ``streaming.pipeline.Pipeline``: N consumer actors over one source plus one lakehouse sink actor
   (``start``, ``wait``, ``finish_at``, ``progress``, ``shutdown``);
 - ``streaming.scoring``: what the stream asks of the scoring service (``EnsembleClient``,
-  ``WindowBatch`` -> ``ScoredWindows`` | ``Refusal``), implemented over the ModelRouter by
+  ``rtml.schemas.ScoreRequest`` -> ``ScoreResult`` | ``Refusal``, the HTTP path's types too),
+  implemented over the ModelRouter by
   ``deployments.stream_client``;
 - ``streaming.demo``: the job behind ``rtml demo`` (whose command, in ``deployments.cli``, wires it to the Serve app).
 
 Inside: ``router`` (DataRouter: validation, paths per data type, dead letters), ``windowing``
 (vectorised per-key event-time windows and model input windows), ``features`` (the feature set and
-its rows), ``consumer`` (the loop one actor runs), ``checkpoints``, ``deadletters``, ``sink``, and
-``sources`` (``replay``, ``kafka``) behind ``sources.base.Source``.
+its rows), ``consumer`` (the loop one actor runs), ``failures`` (which failures are worth retrying),
+``checkpoints``, ``deadletters``, ``files`` (their durable local writes), ``sink``, and ``sources``
+(``replay``, ``kafka``) behind ``sources.base.Source``.
 """

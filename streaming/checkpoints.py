@@ -7,10 +7,14 @@ the same window state, so it recomputes exactly what was lost and the lakehouse'
 writes drop what had landed already: effectively-once. Kafka's group offsets follow the
 checkpoints, for lag and for tools; they are never ahead of them.
 
-One file per partition, replaced atomically (a new file renamed over the old one on local disks; a
-single-object write on object stores), holding the offset, the window state (Arrow IPC) and a
-fingerprint of the window and feature definitions: state built under other definitions is refused
-rather than silently mixed.
+One file per partition, replaced atomically and durably (on local disks a staging file is written
+and fsynced, renamed over the old one and the directory fsynced, so that a crash or a power cut
+leaves the old checkpoint or the new one, whole; on object stores a single-object put), holding the
+offset, the window state (Arrow IPC) and a fingerprint of the window and feature definitions: state
+built under other definitions is refused rather than silently mixed. A checkpoint that cannot be
+read (damaged on disk, or written by something else) is refused with the file's name and what to
+do; a partition without a checkpoint is rebuilt from the log's beginning where the log still holds
+it (``streaming.consumer``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pyarrow.fs as pafs
 
 from rtml.errors import RtmlError
 from streaming.arrow_ipc import from_ipc, to_ipc
+from streaming.files import replace_durably
 
 
 @dataclass
@@ -36,10 +41,11 @@ class Checkpoint:
 class CheckpointStore:
     def __init__(self, root: str | Path, group: str, fingerprint: str):
         root = str(root)
-        if "://" in root:
-            self._fs, base = pafs.FileSystem.from_uri(root)
-        else:
+        self._local = "://" not in root
+        if self._local:
             self._fs, base = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+        else:
+            self._fs, base = pafs.FileSystem.from_uri(root)
         self.location = f"{root.rstrip('/')}/{quote(group, safe='')}"
         self._dir = f"{base.rstrip('/')}/{quote(group, safe='')}"
         self._fs.create_dir(self._dir, recursive=True)
@@ -49,20 +55,31 @@ class CheckpointStore:
         return f"{self._dir}/{quote(partition, safe='')}.arrow"
 
     def load(self, partition: str) -> Checkpoint | None:
+        """The partition's checkpoint, or None when it has none."""
         path = self._path(partition)
         if self._fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
-        with self._fs.open_input_file(path) as handle:
-            row = pa.ipc.open_file(handle).read_all().to_pylist()[0]
-        if row["fingerprint"] != self.fingerprint:
+        try:
+            with self._fs.open_input_file(path) as handle:
+                row = pa.ipc.open_file(handle).read_all().to_pylist()[0]
+            fingerprint = row["fingerprint"]
+            checkpoint = Checkpoint(row["offset"], from_ipc(row["keys"]), from_ipc(row["windows"]))
+        except (pa.ArrowException, IndexError, KeyError, TypeError) as error:
+            raise RtmlError(
+                f"the checkpoint of partition {partition} ({path}) is unreadable ({type(error).__name__}: {error}). "
+                "Restore it from a backup; or delete it, and the consumer rebuilds the partition's window state "
+                "from the log's beginning (refused if the log no longer holds it); or use a new consumer group"
+            ) from None
+        if fingerprint != self.fingerprint:
             raise RtmlError(
                 f"the checkpoint of partition {partition} in {self.location} was written under other window or "
-                f"feature settings ({row['fingerprint']}, now {self.fingerprint}); use a new consumer group, or "
+                f"feature settings ({fingerprint}, now {self.fingerprint}); use a new consumer group, or "
                 "delete the checkpoints to start the group over"
             )
-        return Checkpoint(row["offset"], from_ipc(row["keys"]), from_ipc(row["windows"]))
+        return checkpoint
 
     def save(self, partition: str, checkpoint: Checkpoint) -> None:
+        """Replace the partition's checkpoint; returns once the new one is durable."""
         row = pa.table(
             {
                 "offset": pa.array([checkpoint.offset], pa.int64()),
@@ -71,8 +88,12 @@ class CheckpointStore:
                 "windows": pa.array([to_ipc(checkpoint.windows)], pa.binary()),
             }
         )
-        path = self._path(partition)
-        staging = f"{path}.writing"
-        with self._fs.open_output_stream(staging) as handle, pa.ipc.new_file(handle, row.schema) as writer:
+        data = pa.BufferOutputStream()
+        with pa.ipc.new_file(data, row.schema) as writer:
             writer.write_table(row)
-        self._fs.move(staging, path)
+        path = self._path(partition)
+        if self._local:
+            replace_durably(path, data.getvalue().to_pybytes())
+        else:  # an object store's put replaces the object whole
+            with self._fs.open_output_stream(path) as handle:
+                handle.write(data.getvalue())

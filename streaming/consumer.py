@@ -9,12 +9,32 @@ for durability, the consumer reads on; beyond either limit it stops reading unti
 done (back-pressure: a slow lakehouse or model slows the consumer, nothing piles up). So a batch
 never waits for the previous batch's scores, and while the models are busy the next batch grows
 with the events that arrive meanwhile (the batch size follows the offered rate). Windows are
-computed in arrival order before a batch is sent; batches become durable in order, and only then
-are their partitions checkpointed.
+computed in arrival order before a batch is sent. A batch is handed to the sink as soon as its
+scores are back, so batches may be handed over out of order (the dead-letter sinks keep each
+letter once whatever the order); they settle in order: only once a batch and every batch read
+before it are durable is a partition checkpointed behind them.
+
+End: a consumer given targets (``finish_at``) or told to read to the current ends stops there.
+Only a stream that has really ended (a finite source, such as a replay file, read to its end)
+closes its open windows; a consumer of a live log (Kafka) checkpoints them open at its read
+position, and the next run of the group continues them, so that stopping and going on gives the
+rows one uninterrupted run gives.
+
+Start: ``run`` loads the checkpoints and reads on from them. A partition without a checkpoint
+starts at the log's beginning; where the group had read it before (the log holds committed offsets
+for it: the checkpoint was lost), reading it again from offset 0 rebuilds the same window state and
+the idempotent writes drop what had landed, and where the log no longer starts at offset 0 the
+consumer refuses with what to do rather than restart its windows empty.
 
 Failure: the actor is restarted by Ray (``max_restarts``) and its ``run`` resubmitted
-(``max_task_retries``); the new process loads the checkpoints and re-reads from them. A lakehouse
-write that fails makes the running consumer rewind to its checkpoints the same way.
+(``max_task_retries``); the new process loads the checkpoints and re-reads from them. A failure
+that may pass later (``streaming.failures``) is retried: a scoring call in place, a lakehouse
+write by rewinding the running consumer to its checkpoints the same way, with jittered back-off.
+Once such failures have lasted ``streaming.give_up_after_s`` with no batch becoming durable, or at
+once for a failure no retry cures (a bug, bad rows, a permanent refusal), the consumer stops with
+``ConsumerStopped`` saying what failed, since when and what to do, and counts it in
+``rtml_stream_consumer_failures_total``. Nothing is lost either way: what was not durable is read
+again by the next run.
 """
 
 from __future__ import annotations
@@ -28,23 +48,26 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import ray
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from observability import metrics
 from rtml.errors import RtmlError
+from rtml.schemas import Refusal, ScoreRequest, ScoreResult, prediction_table
 from rtml.settings import Settings
 from streaming.arrow_ipc import to_ipc
 from streaming.checkpoints import Checkpoint, CheckpointStore
 from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
+from streaming.failures import JudgedFailure, describe, passes_later
 from streaming.features import feature_rows, feature_set_version, window_spec
 from streaming.router import DataRouter, EventColumns, RoutedBatch
-from streaming.scoring import EnsembleClient, Refusal, ScoredWindows, WindowBatch, prediction_table
+from streaming.scoring import EnsembleClient
 from streaming.sources.base import Source
 from streaming.windowing import DROPPED, LATE, WindowState
 
@@ -52,6 +75,8 @@ log = logging.getLogger(__name__)
 LAG_REFRESH_S = 1.0
 EXPORTED_OUTCOMES = ("scored", "late", "dropped", "unscored", "landed")
 LATENCY_SAMPLES = 200_000
+# The longest wait between two rewinds after failed writes (jittered exponential back-off up to it).
+REWIND_MAX_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -159,35 +184,39 @@ class StreamConsumer:
         self._lag_checked = 0.0
         self._ends: dict[int, int] = {}
         self._labels = {"group": spec.group}
+        # Read and durable positions, window state and work in flight: loaded by run (_restore).
+        self._state = WindowState(self._window_spec)
+        self._durable: dict[int, int] = {}
+        self._read: dict[int, int] = {}
+        self._in_flight: deque[_Pending] = deque()
+        self._in_flight_events = 0
+        # Wall-clock time of the first failed write since the last batch became durable.
+        self._failing_since: float | None = None
         if self._streaming.metrics_port:
             metrics.serve(self._streaming.metrics_port + spec.index)
-        self._restore()
 
     # the loop ------------------------------------------------------------------------------------
 
     def run(self, until_end: bool = False, clock_start: float | None = None) -> dict:
-        """Consume until the targets given to ``finish_at`` are reached, or (with
-        ``until_end``) until the partitions' current ends are; then flush the open windows, wait
-        for every write and checkpoint. ``clock_start`` starts a replay's clock. Returns ``stats()``."""
+        """Consume from the checkpoints until the targets given to ``finish_at`` are reached, or
+        (with ``until_end``) until the partitions' current ends are; then wait for every write and
+        checkpoint (closing the open windows if the stream has ended). ``clock_start`` starts a
+        replay's clock. Returns ``stats()``; raises ``ConsumerStopped`` when scoring or writes
+        fail for good (module docstring)."""
         if clock_start is not None:
             self._source.start_clock(clock_start)
         ends = self._source.end_offsets() if until_end else None
-        while True:
-            try:
-                with self._timed("settle"):
-                    self._wait_for_room()
-                    self._settle()
-                if self._reached(self._targets or ends):
-                    self._finish()
-                    break
-                with self._timed("poll"):
-                    batch = self._source.poll(self._streaming.max_poll_records, self._streaming.poll_timeout_s)
-                if len(batch):
-                    self._process(batch)
-            except _WriteFailed as failure:
-                log.error("consumer %s: a lakehouse write failed (%s); rewinding to the checkpoints", self.spec.index, failure)
-                time.sleep(1.0)
-                self._restore()
+        rewinding = Retrying(
+            retry=retry_if_exception(lambda error: isinstance(error, _CallFailed) and error.stage == "write" and error.transient),
+            stop=self._failing_too_long,
+            wait=wait_random_exponential(multiplier=0.5, max=REWIND_MAX_WAIT_S),
+            before_sleep=self._rewinding,
+            reraise=True,
+        )
+        try:
+            rewinding(self._consume, ends)
+        except _CallFailed as failure:
+            raise self._stopped(failure) from None
         return self.stats()
 
     def finish_at(self, targets: Mapping[str, int]) -> None:
@@ -233,22 +262,100 @@ class StreamConsumer:
 
     # steps ---------------------------------------------------------------------------------------
 
+    def _consume(self, ends: Mapping[int, int] | None) -> None:
+        """From the checkpoints to the targets (one attempt of ``run``)."""
+        self._restore()
+        while True:
+            with self._timed("settle"):
+                self._wait_for_room()
+                self._settle()
+            if self._reached(self._targets or ends):
+                self._finish()
+                return
+            with self._timed("poll"):
+                batch = self._source.poll(self._streaming.max_poll_records, self._streaming.poll_timeout_s)
+            if len(batch):
+                self._process(batch)
+
+    def _failing_too_long(self, _attempt: RetryCallState) -> bool:
+        """Stop rewinding once writes have failed for give_up_after_s with no batch durable since."""
+        return self._failing_since is not None and time.time() - self._failing_since >= self._streaming.give_up_after_s
+
+    def _rewinding(self, attempt: RetryCallState) -> None:
+        failure = attempt.outcome.exception() if attempt.outcome else None
+        log.error(
+            "consumer %s: a lakehouse write failed (%s); rewinding to the checkpoints in %.1f s", self.spec.index, failure, attempt.upcoming_sleep
+        )
+        metrics.CONSUMER_FAILURES.labels(stage="write", reason="retried", **self._labels).inc()
+
+    def _stopped(self, failure: _CallFailed) -> ConsumerStopped:
+        """The error that ends ``run``, counted in the failures metric."""
+        metrics.CONSUMER_FAILURES.labels(stage=failure.stage, reason="gave_up" if failure.transient else "permanent", **self._labels).inc()
+        writes = failure.stage == "write"
+        if failure.transient:
+            since = datetime.fromtimestamp(failure.since, timezone.utc).isoformat(timespec="seconds")
+            what = "lakehouse writes have failed" if writes else "a scoring call has kept failing"
+            cause = (
+                f"{what} since {since} ({time.time() - failure.since:.0f} s, streaming.give_up_after_s = "
+                f"{self._streaming.give_up_after_s:g} s){' with no batch becoming durable' if writes else ''}; the last error: {failure}"
+            )
+            remedy = "make the lakehouse (catalog and warehouse) reachable" if writes else "make the scoring service answer (serve status)"
+        else:
+            cause = f"{'a lakehouse write' if writes else 'a scoring call'} failed with an error that no retry cures: {failure}"
+            remedy = "fix its cause (the sink's log has the write's details)" if writes else "fix the scoring client or service"
+        return ConsumerStopped(
+            f"consumer {self.spec.index} of group {self.spec.group} stopped: {cause}. Nothing is lost: what was not durable "
+            f"is read again from the checkpoints ({self._checkpoints.location}) by the next run. To go on, {remedy}, "
+            "then start the pipeline again."
+        )
+
     def _restore(self) -> None:
-        """Window state and read positions from the checkpoints (nothing in flight survives)."""
+        """Window state and read positions from the checkpoints (nothing in flight survives).
+        Partitions without a checkpoint start at the log's beginning (``_beginnings``)."""
         parts, positions = {}, {}
         for i, name in enumerate(self._source.partitions):
             checkpoint = self._checkpoints.load(name)
             if checkpoint is not None:
                 parts[i] = (checkpoint.keys, checkpoint.windows)
                 positions[i] = checkpoint.offset
+        beginnings = self._beginnings([i for i in range(len(self._source.partitions)) if i not in positions])
         self._state = WindowState.from_arrow(self._window_spec, parts)
         self._source.seek(positions)
         self._durable = dict(positions)
-        self._read = dict(positions)
+        self._read = {**beginnings, **positions}
         self._in_flight: deque[_Pending] = deque()
         self._in_flight_events = 0
         if positions:
             self._counts.restarts_from_checkpoint += 1
+
+    def _beginnings(self, missing: list[int]) -> dict[int, int]:
+        """Where the partitions without a checkpoint start: at the log's beginning. For one the
+        group never read that is a fresh start. For one it had read (the log holds committed
+        offsets for it, so its checkpoint was lost), reading it again from offset 0 rebuilds exactly
+        the window state that was lost, while the log still holds offset 0; otherwise this refuses."""
+        if not missing:
+            return {}
+        starts = self._source.start_offsets()
+        committed = self._source.committed()
+        read_before = [i for i in missing if committed.get(i, 0) > 0]
+        names = self._source.partitions
+        gone = [i for i in read_before if starts.get(i, 0) > 0]
+        if gone:
+            which = ", ".join(f"{names[i]} (read up to offset {committed[i]}; the log now starts at {starts[i]})" for i in gone)
+            raise RtmlError(
+                f"consumer group {self.spec.group}: no checkpoint in {self._checkpoints.location} for partition(s) {which}, "
+                "and the log no longer holds their beginning, so their window state cannot be rebuilt (going on "
+                "would restart their windows empty). Restore the checkpoints into that directory "
+                "(streaming.checkpoint_dir), or start a new consumer group, which reads the partitions from where "
+                "the log now starts"
+            )
+        for i in read_before:
+            log.warning(
+                "consumer %s: no checkpoint of partition %s in %s, which group %s had read up to offset %d; "
+                "rebuilding its window state by reading it again from offset 0",
+                self.spec.index, names[i], self._checkpoints.location, self.spec.group, committed[i],
+            )
+        return {i: starts.get(i, 0) for i in missing}
 
     def _reached(self, targets: Mapping[int, int] | None) -> bool:
         if targets is None:
@@ -277,32 +384,37 @@ class StreamConsumer:
             feature_windows=len(windowed.closed),
         )
 
-    def _score(self, requests: list[tuple[WindowBatch, EventColumns]]) -> _Scores:
+    def _score(self, requests: list[tuple[ScoreRequest, EventColumns]]) -> _Scores:
         """Prediction rows of the scored requests, and dead letters for those refused for good.
-        Refusals that may pass later (5xx) and unreachable services are retried. Runs in a scoring
-        thread."""
-        started = time.perf_counter()
-        answers: list[ScoredWindows | Refusal | None] = [None] * len(requests)
+        Failures that may pass later (refusals for now (5xx), a service away, timeouts,
+        back-pressure) are retried for up to give_up_after_s; others raise at once (``_CallFailed``).
+        Runs in a scoring thread."""
+        started, since = time.perf_counter(), time.time()
+        answers: list[ScoreResult | Refusal | None] = [None] * len(requests)
         retrying = Retrying(
-            retry=retry_if_exception_type(Exception),
-            stop=stop_after_delay(self.spec.settings.kafka.broker_timeout_s),
+            retry=retry_if_exception(passes_later),
+            stop=stop_after_delay(self._streaming.give_up_after_s),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            before_sleep=lambda _attempt: metrics.CONSUMER_FAILURES.labels(stage="scoring", reason="retried", **self._labels).inc(),
             reraise=True,
         )
-        for attempt in retrying:
-            with attempt:
-                waiting = [i for i, answer in enumerate(answers) if answer is None]
-                if waiting:
-                    for i, answer in zip(waiting, self._client.score([requests[i][0] for i in waiting])):
-                        if isinstance(answer, ScoredWindows) or answer.permanent:
-                            answers[i] = answer
-                    if any(answer is None for answer in answers):
-                        raise _ScoringUnavailable("some batches were refused for now; retrying")
+        try:
+            for attempt in retrying:
+                with attempt:
+                    waiting = [i for i, answer in enumerate(answers) if answer is None]
+                    if waiting:
+                        for i, answer in zip(waiting, self._client.score([requests[i][0] for i in waiting])):
+                            if isinstance(answer, ScoreResult) or answer.permanent:
+                                answers[i] = answer
+                        if (later := sum(answer is None for answer in answers)) > 0:
+                            raise JudgedFailure(f"the scoring service refused {later} batch(es) for now (5xx)", transient=True)
+        except Exception as error:
+            raise _CallFailed("scoring", error, since) from error
         scored_at = time.time()
         tables, refused = [], []
         histogram = metrics.EVENT_TO_PREDICTION.labels(**self._labels)
         for (request, events), answer in zip(requests, answers):
-            if isinstance(answer, ScoredWindows):
+            if isinstance(answer, ScoreResult):
                 tables.append(prediction_table(request, answer, scored_at))
                 for latency in (scored_at - request.available_at).tolist():
                     histogram.observe(latency)
@@ -337,7 +449,7 @@ class StreamConsumer:
     def _hand_over(self, pending: _Pending) -> None:
         """Send a scored batch's rows to the sink (and its dead letters to theirs)."""
         with self._timed("hand_over"):
-            scores: _Scores = pending.scoring.result()  # scoring that kept failing raises here, ending the run
+            scores: _Scores = pending.scoring.result()  # scoring that failed for good raises here (_CallFailed), ending the run
             letters = sorted(pending.letters + scores.refused, key=lambda letter: (letter.partition, letter.offset))
             if letters:
                 self._dead_letters.write(letters)
@@ -363,7 +475,9 @@ class StreamConsumer:
             try:
                 ray.get(head.write)
             except Exception as error:  # the sink's or the lakehouse's failure: nothing after it is durable either
-                raise _WriteFailed(str(error)) from error
+                if self._failing_since is None:
+                    self._failing_since = time.time()
+                raise _CallFailed("write", error, self._failing_since) from error
             settled.append(self._in_flight.popleft())
             self._in_flight_events -= settled[-1].records
         if settled:
@@ -380,17 +494,20 @@ class StreamConsumer:
         for partition, (position, (keys, windows)) in latest.items():
             self._checkpoints.save(self._source.partitions[partition], Checkpoint(position, keys, windows))
             self._durable[partition] = position
+        self._failing_since = None
         try:
             self._source.commit({partition: position for partition, (position, _) in latest.items()})
         except Exception as error:  # the checkpoints hold the progress; the log catches up on the next commit
             log.warning("consumer %s: committing offsets to the log failed (%s); will retry", self.spec.index, error)
 
     def _finish(self) -> None:
-        """Write the windows still open and wait for every write (the stream has ended)."""
-        closed = self._state.flush()
-        self._count(feature_windows=len(closed))
-        touched = {i: self._read.get(i, 0) for i in range(len(self._source.partitions))}
-        self._submit(_done(_Scores([], [], 0.0)), {"features": feature_rows(closed, self._feature_set)}, [], 0, touched, np.empty(0))
+        """Wait for every write, checkpointing behind it. Only a stream that has ended closes its
+        open windows; on a live log they stay open in the checkpoints, for the next run to go on."""
+        if self._source.finite and self._reached(self._source.end_offsets()):
+            closed = self._state.flush()
+            self._count(feature_windows=len(closed))
+            touched = {i: self._read.get(i, 0) for i in range(len(self._source.partitions))}
+            self._submit(_done(_Scores([], [], 0.0)), {"features": feature_rows(closed, self._feature_set)}, [], 0, touched, np.empty(0))
         while self._in_flight:
             self._wait_for_oldest()
             self._settle()
@@ -431,12 +548,20 @@ class StreamConsumer:
         metrics.FEATURE_WINDOWS.labels(**self._labels).inc(amounts.get("feature_windows", 0))
 
 
-class _ScoringUnavailable(RtmlError):
-    pass
+class ConsumerStopped(RtmlError):
+    """A consumer stopped because scoring or writes failed for good: what failed, since when, and
+    what to do."""
 
 
-class _WriteFailed(RtmlError):
-    pass
+class _CallFailed(RtmlError):
+    """A scoring call or a lakehouse write (``stage``) that failed; ``transient``: it may pass
+    later; ``since``: wall-clock time of the first failure in the row."""
+
+    def __init__(self, stage: str, error: BaseException, since: float):
+        super().__init__(describe(error))
+        self.stage = stage
+        self.transient = passes_later(error)
+        self.since = since
 
 
 def _percentiles(samples: deque) -> dict[int, float]:
@@ -454,13 +579,13 @@ def _done(scores: _Scores) -> Future:
     return done
 
 
-def _window_batches(events: EventColumns, windows: np.ndarray, data_type: str) -> list[tuple[WindowBatch, EventColumns]]:
+def _window_batches(events: EventColumns, windows: np.ndarray, data_type: str) -> list[tuple[ScoreRequest, EventColumns]]:
     """One request per tenant (in arrival order within each), with the events it is made of."""
     batches = []
     for tenant in dict.fromkeys(events.tenant.tolist()):
         rows = np.flatnonzero(events.tenant == tenant)
         part = events.take(rows)
-        request = WindowBatch(
+        request = ScoreRequest(
             tenant=tenant,
             data_type=data_type,
             windows=windows[rows],
@@ -469,12 +594,13 @@ def _window_batches(events: EventColumns, windows: np.ndarray, data_type: str) -
             event_times_us=part.event_time_us,
             subjects=part.subject.tolist(),
             available_at=part.available_at,
+            persist=False,  # the consumer writes its predictions itself, then checkpoints
         )
         batches.append((request, part))
     return batches
 
 
-def _image_batches(routed: RoutedBatch) -> list[tuple[WindowBatch, EventColumns]]:
+def _image_batches(routed: RoutedBatch) -> list[tuple[ScoreRequest, EventColumns]]:
     frames = routed.frames
     if not len(frames):
         return []

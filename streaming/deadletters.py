@@ -2,10 +2,13 @@
 files (the embedded replay source). ``write`` returns once the letters are durable, because the
 consumer checkpoints past them right after.
 
-Each letter names its source partition and offset. The files are exactly-once (a partition's file
-never takes an offset it already holds, so a replay after a crash adds nothing); the topic is
-at-least-once and keyed ``<partition>@<offset>``, so readers (or topic compaction) can drop a
-repeat.
+Each letter names its source partition and offset. The files are exactly-once: a partition's file
+never takes an offset it already holds, so a replay after a crash adds nothing, and since a
+consumer hands batches over in the order their scoring finishes (not the order they were read),
+the files remember the set of offsets they hold, not the highest one (loaded from the files when a
+partition is first written). A line torn by a crash mid-append is cut off when the file is loaded:
+its ``write`` never returned, so the consumer writes that letter again. The topic is at-least-once
+and keyed ``<partition>@<offset>``, so readers (or topic compaction) can drop a repeat.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from rtml.schemas import utc_now
+from streaming.files import fsync_directory
 
 
 @dataclass(frozen=True)
@@ -62,39 +66,54 @@ class FileDeadLetters(DeadLetterSink):
         self.directory = Path(directory).expanduser().resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.location = str(self.directory)
-        self._last_offset: dict[str, int] = {}
+        self._held: dict[str, set[int]] = {}
 
     def _file(self, partition: str) -> Path:
         return self.directory / f"{quote(partition, safe='')}.jsonl"
 
-    def _written_up_to(self, partition: str) -> int:
-        if partition not in self._last_offset:
-            last = -1
+    def _offsets_held(self, partition: str) -> set[int]:
+        """The offsets the partition's file holds, read from it on first use."""
+        if partition not in self._held:
+            held = set()
             path = self._file(partition)
             if path.is_file():
-                for line in path.read_text().splitlines():
-                    if line.strip():
-                        last = max(last, json.loads(line)["offset"])
-            self._last_offset[partition] = last
-        return self._last_offset[partition]
+                data = path.read_bytes()
+                complete = data.rfind(b"\n") + 1
+                if complete < len(data):  # a torn last line: drop it before appending after it
+                    with path.open("r+b") as handle:
+                        handle.truncate(complete)
+                        os.fsync(handle.fileno())
+                held = {json.loads(line)["offset"] for line in _complete_lines(data)}
+            self._held[partition] = held
+        return self._held[partition]
 
     def write(self, letters: Sequence[DeadLetter]) -> None:
         by_partition: dict[str, list[DeadLetter]] = {}
         for letter in letters:
             by_partition.setdefault(letter.partition, []).append(letter)
         for partition, group in by_partition.items():
-            fresh = [letter for letter in group if letter.offset > self._written_up_to(partition)]
+            held = self._offsets_held(partition)
+            fresh = list({letter.offset: letter for letter in group if letter.offset not in held}.values())
             if not fresh:
                 continue
-            with self._file(partition).open("a") as handle:
+            path = self._file(partition)
+            created = not path.exists()
+            with path.open("a") as handle:
                 handle.write("".join(json.dumps(letter.as_json()) + "\n" for letter in fresh))
                 handle.flush()
                 os.fsync(handle.fileno())
-            self._last_offset[partition] = max(letter.offset for letter in fresh)
+            if created:  # the new file's name must survive a crash too
+                fsync_directory(self.directory)
+            held.update(letter.offset for letter in fresh)
 
     def read(self) -> list[dict]:
         """Every letter stored here (for summaries and tests)."""
-        return [json.loads(line) for path in sorted(self.directory.glob("*.jsonl")) for line in path.read_text().splitlines() if line]
+        return [json.loads(line) for path in sorted(self.directory.glob("*.jsonl")) for line in _complete_lines(path.read_bytes())]
+
+
+def _complete_lines(data: bytes) -> list[bytes]:
+    """The non-empty lines of a JSON-lines file, without a last line torn by a crash."""
+    return [line for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
 
 
 class KafkaDeadLetters(DeadLetterSink):

@@ -8,7 +8,9 @@
 Consumers and the sink are Ray actors that Ray restarts when their process dies; a restarted
 consumer resumes from its checkpoints and Ray resubmits its ``run``. For Kafka, which has no end,
 ``finish_at(targets)`` names the offsets to stop at (``sources.kafka.log_end_offsets`` gives the
-current ones).
+current ones); the consumers keep their open windows in their checkpoints, and the next pipeline
+of the same group continues them. A consumer that stops with an error (``ConsumerStopped``, or a
+checkpoint it cannot use) ends ``wait`` with that error, as the consumer raised it.
 """
 
 from __future__ import annotations
@@ -96,14 +98,17 @@ class Pipeline:
         return ray.get([c.pid.remote() for c in self.consumers])
 
     def wait(self, on_progress: Callable[[Progress], None] | None = None, every_s: float = 0.5, timeout_s: float | None = None) -> list[dict]:
-        """Wait for every consumer's ``run`` to end; returns their stats."""
+        """Wait for every consumer's ``run`` to end; returns their stats. Raises the error of the
+        first consumer that stopped with one, without waiting for the others."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             done, _ = ray.wait(self._runs, num_returns=len(self._runs), timeout=every_s)
+            for run in done:
+                _result(run)  # raises the error of a consumer that stopped with one
             if on_progress is not None:
                 on_progress(self.progress())
             if len(done) == len(self._runs):
-                return ray.get(self._runs)
+                return [_result(run) for run in self._runs]
             if self._targets is not None:  # a restarted consumer has forgotten them
                 for c in self.consumers:
                     c.finish_at.remote(self._targets)
@@ -119,3 +124,14 @@ class Pipeline:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
         self.consumers, self.sink, self._runs = [], None, []
+
+
+def _result(run: ray.ObjectRef) -> dict:
+    """A finished ``run``'s stats, or the error a consumer stopped with: an ``RtmlError`` as the
+    consumer raised it (its message says what to do), not Ray's wrapper with the remote traceback."""
+    try:
+        return ray.get(run)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, RtmlError):
+            raise error.cause from None
+        raise

@@ -33,7 +33,7 @@ import orjson
 import pyarrow as pa
 
 from rtml.errors import RtmlError
-from rtml.schemas import DataType, Event, validate_events
+from rtml.schemas import DataType, validate_events
 from streaming.sources.base import SourceBatch
 
 Path = Literal["stream", "batch"]

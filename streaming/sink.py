@@ -2,7 +2,10 @@
 
 One writer per table for all consumers means one Iceberg commit per table per flush instead of one
 per consumer batch, and no commit races between consumers. ``write`` returns when all of a
-batch's rows are durable; consumers keep scoring meanwhile and checkpoint once it returns.
+batch's rows are durable; consumers keep scoring meanwhile and checkpoint once it returns. A write
+that fails raises a ``JudgedFailure`` that says whether it may pass later (judged here, where the
+error's cause chain is whole; Ray sends an exception to the consumer without it), so that the
+consumer rewinds and retries only what can pass.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 
 from rtml.settings import Settings
 from streaming.arrow_ipc import from_ipc
+from streaming.failures import JudgedFailure, passes_later
 
 TABLES = ("events", "features", "predictions")
 SINK_NICENESS = 10
@@ -36,8 +40,11 @@ class LakehouseSink:
     async def write(self, tables: dict[str, bytes]) -> dict[str, int]:
         """Append each table's rows (Arrow IPC, ``streaming.arrow_ipc``) idempotently; returns the
         rows submitted per table once durable."""
-        submitted = {name: rows for name, rows in ((name, from_ipc(data)) for name, data in tables.items()) if rows.num_rows}
-        await asyncio.gather(*(asyncio.wrap_future(self._writers[name].submit(rows)) for name, rows in submitted.items()))
+        try:
+            submitted = {name: rows for name, rows in ((name, from_ipc(data)) for name, data in tables.items()) if rows.num_rows}
+            await asyncio.gather(*(asyncio.wrap_future(self._writers[name].submit(rows)) for name, rows in submitted.items()))
+        except Exception as error:
+            raise JudgedFailure(f"{type(error).__name__}: {error}", passes_later(error)) from error
         return {name: rows.num_rows for name, rows in submitted.items()}
 
     def pid(self) -> int:

@@ -48,10 +48,14 @@ class Source(ABC):
     """One consumer's view of an event log: its partitions, read from chosen positions."""
 
     partitions: list[str]
+    # Whether the log has an end (a replay file): a consumer that reads it to its end has seen the
+    # whole stream and closes its open windows. A live log (Kafka) only has a current end.
+    finite: bool = False
 
     @abstractmethod
     def seek(self, positions: Mapping[int, int]) -> None:
-        """Continue each named partition at the given offset."""
+        """Continue each named partition at the given offset, and start every other one at the
+        log's beginning."""
 
     @abstractmethod
     def poll(self, max_records: int, timeout_s: float) -> SourceBatch:
@@ -71,6 +75,11 @@ class Source(ABC):
     def committed(self) -> dict[int, int]:
         """Positions the log itself holds for this consumer, where it keeps any."""
         return {}
+
+    def start_offsets(self) -> dict[int, int]:
+        """Per partition, the oldest offset the log still holds: 0 unless retention has deleted
+        the records before it."""
+        return {i: 0 for i in range(len(self.partitions))}
 
     def close(self) -> None:
         """Release connections and files."""

@@ -7,7 +7,9 @@ that a series stays in one partition, in order; the value is the event as JSON.
 Consumers do not join a rebalancing group: consumer ``i`` of ``n`` is assigned the partitions at
 positions ``i, i + n, ...`` of the sorted partition list, so a restarted consumer gets exactly its
 old partitions back and resumes them from its checkpoints. The consumer group still records their
-offsets (``commit``), which is where lag tools look.
+offsets (``commit``), which is where lag tools look, and where a consumer whose checkpoint of a
+partition is missing learns that the group had read it (``streaming.consumer`` then rebuilds the
+partition's windows from offset 0, or refuses when retention has deleted its beginning).
 """
 
 from __future__ import annotations
@@ -160,13 +162,11 @@ class KafkaSource(Source):
         self._consumer.assign(self._owned)
 
     def seek(self, positions: Mapping[int, int]) -> None:
-        committed = self.committed()
         for i, tp in enumerate(self._owned):
-            offset = positions.get(i, committed.get(i))
-            if offset is None:
-                self._consumer.seek_to_beginning(tp)
+            if i in positions:
+                self._consumer.seek(tp, positions[i])
             else:
-                self._consumer.seek(tp, offset)
+                self._consumer.seek_to_beginning(tp)
 
     def poll(self, max_records: int, timeout_s: float) -> SourceBatch:
         fetched = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
@@ -195,6 +195,10 @@ class KafkaSource(Source):
     def committed(self) -> dict[int, int]:
         found = {i: self._consumer.committed(tp, timeout_ms=BROKER_CALL_TIMEOUT_MS) for i, tp in enumerate(self._owned)}
         return {i: offset for i, offset in found.items() if offset is not None}
+
+    def start_offsets(self) -> dict[int, int]:
+        starts = self._consumer.beginning_offsets(self._owned, timeout_ms=BROKER_CALL_TIMEOUT_MS)
+        return {self._position_of[tp]: offset for tp, offset in starts.items()}
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)

@@ -66,6 +66,8 @@ def _csv_cell(column: str, text: str) -> object:
 
 
 class ReplaySource(Source):
+    finite = True  # the file's end is the stream's end
+
     def __init__(
         self,
         path: str | Path,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lakehouse import Lakehouse
-from models.scoring import load_scorer
+from models.scoring import artifact_path, load_scorer
 from models.training import train_candidate
 from rtml.errors import RtmlError
 from rtml.schemas import Event, ModelStatus
@@ -51,6 +51,14 @@ def test_train_registers_a_candidate_with_holdout_metrics(ray_cluster, settings)
 
     scorer = load_scorer(model.artifact_uri)
     assert scorer.kind == "cnn" and scorer.window_length == 16
+
+    # The same job again (a resubmission, or a retry after its registration's outcome was lost):
+    # the same version, no second pin, and the rerun's own artifact is not left behind.
+    again = train_candidate("acme", "cnn", settings)
+    assert again == model
+    assert [m.key for m in lakehouse.registry.list(tenant="acme")] == ["acme-cnn@1"]
+    assert [name for name in lakehouse.table("events").metadata.refs if name.startswith("rtml-training-acme-cnn-")] == list(pins)
+    assert [path.resolve() for path in (settings.home_dir / "models" / "acme" / "acme-cnn").iterdir()] == [artifact_path(model.artifact_uri)]
 
 
 def test_train_names_a_tenant_without_events(ray_cluster, settings):

@@ -109,11 +109,12 @@ def wait_for(condition, timeout_s: float, what: str):
 
 @dataclass
 class Load:
-    """Concurrent clients posting single windows until stopped; every answer is kept."""
+    """Concurrent clients posting single windows (no event ids) until stopped; every answer is
+    kept."""
 
     app: App
     clients: int = 4
-    answers: list[tuple[int, dict]] = field(default_factory=list)
+    answers: list[tuple[int, dict, dict]] = field(default_factory=list)  # status, body, headers
     failures: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -129,7 +130,7 @@ class Load:
                 index += 1
                 try:
                     response = client.post(f"{self.app.url}/v1/predict", json=body)
-                    self.answers.append((response.status_code, response.json()))
+                    self.answers.append((response.status_code, response.json(), dict(response.headers)))
                 except httpx.HTTPError as error:
                     self.failures.append(repr(error))
 
@@ -144,7 +145,11 @@ class Load:
             thread.join(timeout=120)
 
     def versions_seen(self, name: str) -> Counter:
-        return Counter(answer["model_versions"].get(name) for status, answer in self.answers if status == 200)
+        return Counter(answer["model_versions"].get(name) for status, answer, _ in self.answers if status == 200)
+
+    def answered(self) -> list[str]:
+        """The prediction ids of the answers that were 200."""
+        return [answer["prediction_id"] for status, answer, _ in self.answers if status == 200]
 
 
 def test_a_tenant_with_two_models_gets_weighted_scores(app: App):
@@ -224,6 +229,30 @@ def test_other_endpoints(app: App):
     assert response.status_code == 415
 
 
+@pytest.mark.parametrize("form", ["json", "npy"])
+def test_a_request_larger_than_a_grpc_message_is_answered(app: App, form):
+    # 50,000 windows of 32 float32s: 6.4 MB of windows, beyond the 4 MiB of one gRPC message
+    # between replicas (throughput mode), well within serving.max_request_windows.
+    batch = np.resize(windows(500, seed=21), (50_000, WINDOW_LENGTH))
+    response = predict(app, batch) if form == "npy" else predict(app, {"tenant": TENANT, "windows": batch.tolist()})
+    assert response.status_code == 200, response.text[:500]
+    answer = response.json()
+    ids = answer["prediction_ids"] if form == "npy" else [p["prediction_id"] for p in answer["predictions"]]
+    assert len(ids) == len(set(ids)) == 50_000
+    if form == "npy":  # the same windows score the same wherever they sit in a large batch
+        np.testing.assert_allclose(answer["ensemble_scores"][:500], answer["ensemble_scores"][500:1000], atol=1e-6)
+
+
+def test_a_body_beyond_the_size_limit_gets_a_413(app: App):
+    limit = app.settings.serving.max_request_bytes
+    response = httpx.post(
+        f"{app.url}/v1/predict", params={"tenant": TENANT}, content=b"\0" * (limit + 1),
+        headers={"content-type": "application/x-npy"}, timeout=60,
+    )
+    assert response.status_code == 413
+    assert "serving.max_request_bytes" in response.json()["error"]
+
+
 def test_feedback_moves_weights_and_they_survive_a_redeploy(app: App):
     router = app.router()
     # Windows with spikes of growing size: the models score them differently; saying "yes, an
@@ -269,10 +298,10 @@ def test_a_promoted_version_is_served_with_no_failed_request(app: App):
         control.promote(app.settings, candidate.name, candidate.version)
         wait_for(lambda: load.versions_seen("acme-rnn")[str(candidate.version)] >= 20, 120, "answers from the promoted version")
     assert load.failures == []
-    assert Counter(status for status, _ in load.answers) == Counter({200: len(load.answers)})
+    assert Counter(status for status, _, _ in load.answers) == Counter({200: len(load.answers)})
     seen = load.versions_seen("acme-rnn")
     assert seen["1"] > 0 and seen[str(candidate.version)] > 0
-    assert [answer["model_versions"]["acme-rnn"] for _, answer in load.answers[-10:]] == [str(candidate.version)] * 10
+    assert [answer["model_versions"]["acme-rnn"] for _, answer, _ in load.answers[-10:]] == [str(candidate.version)] * 10
     assert app.lake.registry.get("acme-rnn", 1).status == ModelStatus.RETIRED
     # Swapped by reconfiguring the running router, not by replacing it.
     assert app.router().ensemble.remote(TENANT).result()["generation"] == generation + 1
@@ -293,9 +322,9 @@ def test_killing_one_of_two_model_replicas_under_load_loses_no_request(app: App)
         killed_at = len(load.answers)
         wait_for(lambda: len(load.answers) >= killed_at + 100, 180, "traffic after the kill")
     assert load.failures == []
-    assert Counter(status for status, _ in load.answers) == Counter({200: len(load.answers)})
+    assert Counter(status for status, _, _ in load.answers) == Counter({200: len(load.answers)})
     # Every answer after the kill still came from both models of the ensemble.
-    assert all(set(answer["model_versions"]) == {"acme-rnn", "acme-cnn"} for _, answer in load.answers[killed_at:])
+    assert all(set(answer["model_versions"]) == {"acme-rnn", "acme-cnn"} for _, answer, _ in load.answers[killed_at:])
 
 
 def test_canary_and_shadow_trials(app: App):

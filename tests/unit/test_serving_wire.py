@@ -10,8 +10,8 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from deployments.records import ScoreResult
-from deployments.wire import ARROW_STREAM, JSON, NPY, Refused, encode_result, parse_predict
+from deployments.wire import ARROW_STREAM, JSON, NPY, encode_result, parse_predict
+from rtml.schemas import Refusal, ScoreResult, micros
 
 WINDOW = [float(i) for i in range(8)]
 
@@ -21,9 +21,9 @@ def parse_json(document, query=None, max_windows=100):
 
 
 def refusal(call) -> tuple[int, str]:
-    with pytest.raises(Refused) as caught:
+    with pytest.raises(Refusal) as caught:
         call()
-    return caught.value.rejection.status, caught.value.rejection.reason
+    return caught.value.status, caught.value.reason
 
 
 def test_one_json_window_with_its_metadata():
@@ -34,7 +34,7 @@ def test_one_json_window_with_its_metadata():
     assert request.tenant == "acme" and request.data_type == "metric"
     assert request.windows.dtype == np.float32 and request.windows.shape == (1, 8)
     assert request.entities == ["pump-1"] and request.event_ids == ["e1"]
-    assert request.event_times == [datetime(2026, 3, 1, 11, 0, tzinfo=timezone.utc)]
+    assert request.event_times_us.tolist() == [micros(datetime(2026, 3, 1, 11, 0, tzinfo=timezone.utc))]
 
 
 def test_a_json_batch_with_one_entity_for_all():
@@ -120,7 +120,7 @@ def test_arrow_batches_with_per_row_metadata():
     request, shape = parse_predict(_arrow(table), ARROW_STREAM, {"tenant": "acme"}, 10)
     assert shape == "columns" and request.windows.shape == (2, 8)
     assert request.entities == ["a", "b"] and request.event_ids == ["e1", "e2"]
-    assert request.event_times[0] == datetime(2026, 3, 1, tzinfo=timezone.utc)
+    assert request.event_times_us[0] == micros(datetime(2026, 3, 1, tzinfo=timezone.utc))
     ragged = pa.table({"window": pa.array([WINDOW, WINDOW[:2]], pa.list_(pa.float64()))})
     assert refusal(lambda: parse_predict(_arrow(ragged), ARROW_STREAM, {"tenant": "acme"}, 10))[0] == 400
     missing = pa.table({"values": [1.0]})

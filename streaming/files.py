@@ -1,0 +1,31 @@
+"""Durable writes to local files, shared by the checkpoints and the dead-letter files: data is on
+disk once ``os.fsync`` of the file returns, and a file's name (its creation or a rename over an
+old file) once the directory holding it is fsynced too."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Make the directory's entries (files created or renamed in it) durable."""
+    handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def replace_durably(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data``, atomically and durably: written to a staging file
+    beside it and fsynced, renamed over the old file, then the directory fsynced. A crash at any
+    point leaves the old file or the new one whole, never a torn one."""
+    path = Path(path)
+    staging = path.with_name(path.name + ".writing")
+    with staging.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    fsync_directory(path.parent)
