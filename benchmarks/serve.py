@@ -276,8 +276,11 @@ def run_ray_env(home: Path, ray_env: str, concurrencies: list[int], seconds: flo
     from rtml.settings import Settings
 
     port = _free_port()
-    # A fresh lakehouse per run, so that every run writes its predictions into an empty table.
-    settings = Settings(home=tempfile.mkdtemp(prefix="rtml-bench-lake-"), serving={"http_port": port, "model_kinds": list(KINDS)})
+    # A fresh lakehouse per run, so that every run writes its predictions into an empty table. The
+    # app's stream (consumers of the event log) is left out: it has no part in serving predicts.
+    settings = Settings(
+        home=tempfile.mkdtemp(prefix="rtml-bench-lake-"), serving={"http_port": port, "model_kinds": list(KINDS), "run_stream": False}
+    )
     registry = Lakehouse.open(settings).registry
     for trained in Lakehouse.open(Settings(home=home)).registry.active(TENANT):
         registered = registry.register(trained)

@@ -1,6 +1,7 @@
 """The Serve application: ``build_app(args)`` wires Ingress -> ModelRouter -> one ModelScorer
-deployment per model kind, the router's PredictionSink (lakehouse writes) and, later, the
-AgentGraph.
+deployment per model kind, the router's PredictionSink (lakehouse writes), the StreamRunner (the
+stream over the event log that the Ingress's ``/v1/events`` appends to) and, later, the AgentGraph.
+The Ingress also serves the API (``api``: ingestion, GraphQL, OpenAPI).
 
     serve run deployments.app:build_app                 # embedded defaults
     serve deploy deployments/serve_config.yaml          # the same, on a running cluster
@@ -31,24 +32,19 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.schema import LoggingConfig
 
 from deployments.ingress import Ingress
+from deployments.names import INGRESS, ROUTER, SINK, STREAM, scorer_name
 from deployments.router import ModelRouter, RouterConfig
 from deployments.scorer import ModelScorer
 from deployments.sink import PredictionSink
+from deployments.stream_runner import StreamRunner
 from rtml.settings import Settings
 
 IMPORT_PATH = "deployments.app:build_app"
-ROUTER = "ModelRouter"
-INGRESS = "Ingress"
-SINK = "PredictionSink"
 
 
 class AppArgs(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
     agent_graph: str | None = None
-
-
-def scorer_name(kind: str) -> str:
-    return f"ModelScorer_{kind}"
 
 
 def app_settings(overrides: dict[str, Any]) -> Settings:
@@ -93,6 +89,12 @@ def build_app(args: AppArgs) -> serve.Application:
         user_config=RouterConfig().model_dump(),
         logging_config=logging_config,
     ).bind(settings, scorers, sink, agent_graph)
+    # It needs no CPU of its own (it supervises); its consumers and sink ask for theirs.
+    stream = (
+        StreamRunner.options(name=STREAM, num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config=logging_config).bind(settings)
+        if serving.run_stream
+        else None
+    )
     return Ingress.options(
         name=INGRESS,
         num_replicas=serving.ingress_replicas,
@@ -101,7 +103,7 @@ def build_app(args: AppArgs) -> serve.Application:
         max_queued_requests=serving.max_queued_requests,
         backpressure_config=BackpressureConfig(retry_after_s=serving.retry_after_s),
         logging_config=logging_config,
-    ).bind(router, serving)
+    ).bind(router, settings, stream)
 
 
 def __getattr__(name: str) -> Any:

@@ -38,17 +38,20 @@ def up(
         from lakehouse import Lakehouse
 
         with console.status(f"making sure tenant {DEMO_TENANT!r} has trained models"):
-            models = ensure_demo_tenant(Lakehouse.open(settings), settings.home_dir / "models")
+            models = ensure_demo_tenant(Lakehouse.open(settings), settings.home_dir / "models", settings.models.window_length)
         console.print(f"tenant [bold]{DEMO_TENANT}[/]: " + ", ".join(model.key for model in models))
     with console.status("deploying the serving app"):
         control.deploy(settings)
     address = control.http_address()
     prefix = settings.serving.route_prefix.rstrip("/")
     console.print(f"Ray cluster {'started' if cluster.started else 'in use'}; stop it with `ray stop`")
+    console.print(f"  GraphQL:        {address}{prefix}/graphql   (HTTP and WebSocket; header x-rtml-tenant: T)")
+    console.print(f"  ingest:         POST {address}{prefix}/v1/events   (JSON, a JSON array or NDJSON; /v1/events/binary for frames)")
     console.print(f"  predict:        POST {address}{prefix}/v1/predict   (JSON, .npy or Arrow IPC)")
+    console.print(f"  OpenAPI:        GET  {address}{prefix}/openapi.json")
     console.print(f"  health:         GET  {address}{prefix}/healthz")
     for name, (status, route) in control.running_apps().items():
-        if name != settings.serving.app_name:  # e.g. the GraphQL API once it is deployed
+        if name != settings.serving.app_name:  # other apps on the same cluster
             console.print(f"  app {name:10s} {status}: {address}{route.rstrip('/')}")
     dashboard = f"http://{cluster.dashboard_url or f'127.0.0.1:{settings.serving.dashboard_port}'}"
     console.print(f"  Ray dashboard:  {dashboard}")
@@ -79,5 +82,53 @@ def demo(
     if kafka:
         require_kafka(settings.kafka)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the progress bar and summary say what matters
-    result = run_demo(settings, deploy_scoring, console, kafka=kafka, speed=speed, ray_env=throughput_environment(settings))
+    answers: list = []
+    result = run_demo(
+        settings, deploy_scoring, console, kafka=kafka, speed=speed, ray_env=throughput_environment(settings),
+        while_serving=lambda demo_settings: answers.append(_ask_graphql(demo_settings)),
+    )  # fmt: skip
     print_summary(result, json.loads(TRUTH_FILE.read_text()), console)
+    _print_graphql(result.settings.home_dir, settings, *answers)
+
+
+# What `rtml demo` asks the app's GraphQL API at the end, and shows the user how to ask again.
+DEMO_TENANT_QUERIED = "acme"
+DEMO_QUERY = "{ anomalies(first: 5) { edges { node { eventTime entity ensembleScore } } } }"
+
+
+def _ask_graphql(settings) -> dict:
+    """The demo's query, asked of the app that scored the replay (while it still runs)."""
+    import httpx
+
+    from api.tenancy import TENANT_HEADER
+    from deployments.control import http_address
+
+    url = f"{http_address()}{settings.serving.route_prefix.rstrip('/')}/graphql"
+    return httpx.post(url, json={"query": DEMO_QUERY}, headers={TENANT_HEADER: DEMO_TENANT_QUERIED}, timeout=30).json()
+
+
+def _print_graphql(demo_home: Path, settings, answer: dict | None = None) -> None:
+    """What the app answered, and the two commands that ask it again (``settings``: those `rtml
+    up` will run with)."""
+    import shlex
+
+    import orjson
+
+    from api.cli import graphql_url
+    from api.tenancy import TENANT_HEADER
+
+    if answer is not None:
+        rows = [edge["node"] for edge in ((answer.get("data") or {}).get("anomalies") or {}).get("edges", [])]
+        console.print(f"GraphQL: tenant {DEMO_TENANT_QUERIED}'s newest anomalies, as the app answered /graphql:")
+        for row in rows:
+            console.print(f"  {row['eventTime']}  {row['entity']:12s}  score {row['ensembleScore']:.3f}", highlight=False)
+        for error in answer.get("errors", []):
+            console.print(f"  [red]error:[/] {error.get('message')}")
+    body = orjson.dumps({"query": DEMO_QUERY}).decode()
+    console.print("Ask it yourself: serve this data with the API, then query it (any GraphQL client works too):")
+    console.print(f"  RTML_HOME={demo_home} rtml up --no-demo", highlight=False, soft_wrap=True)
+    console.print(
+        f"  curl -s {graphql_url(settings)} -H 'content-type: application/json' -H '{TENANT_HEADER}: {DEMO_TENANT_QUERIED}' -d {shlex.quote(body)}",
+        highlight=False,
+        soft_wrap=True,
+    )

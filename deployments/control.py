@@ -144,6 +144,11 @@ def promote(settings: Settings, name: str, version: int) -> ModelVersion:
     return promoted
 
 
+def refresh_routers(settings: Settings) -> RouterConfig:
+    """Make every router replica re-read active versions and weights from the registry now."""
+    return _update_router(settings, lambda config: config.model_copy(update={"generation": config.generation + 1}))
+
+
 def set_rollout(settings: Settings, model: str, mode: str | None, fraction: float = 0.0) -> RouterConfig:
     """Start (``mode`` "canary"/"shadow") or end (``mode`` None) the trial of a candidate version."""
     trial = RolloutConfig(model=model, mode=mode, fraction=fraction) if mode else None
@@ -193,15 +198,19 @@ def cluster_environment(settings: Settings, notes: list[str]) -> dict[str, str]:
 
 def cluster_cpus(settings: Settings) -> int:
     """The logical CPUs of the cluster ``rtml up`` starts: the machine's cores, which the app's
-    replicas are sized to share (7 x 0.25 of 2 here), plus room for one retraining job
-    (``models.training.job_cpus``, rounded up). Logical CPUs are Ray's admission tokens, not cores:
-    the replicas hold theirs while they wait for requests, so without the room a job submitted to
-    the serving cluster could never start, and shrinking the job or the replicas to fit the 0.25
-    left would last only until one more replica. With it, one job at a time runs beside the app,
-    on the same cores, and one that finds no room is refused (``models.training.require_room``)."""
+    replicas are sized to share (7 x 0.25 of 2 here), plus the app's stream (its consumer and sink
+    actors, ``streaming.pipeline.pipeline_cpus``) and room for one retraining job
+    (``models.training.job_cpus``), rounded up. Logical CPUs are Ray's admission tokens, not cores:
+    the replicas and the stream's actors hold theirs while they wait for work, so without the room
+    a job submitted to the serving cluster could never start, and shrinking the job or the
+    replicas to fit what is left would last only until one more replica. With it, one job at a
+    time runs beside the app, on the same cores, and one that finds no room is refused
+    (``models.training.require_room``)."""
     from models.training import job_cpus
+    from streaming.pipeline import pipeline_cpus
 
-    return len(os.sched_getaffinity(0)) + math.ceil(job_cpus(settings))
+    stream = pipeline_cpus(settings) if settings.serving.run_stream else 0.0
+    return len(os.sched_getaffinity(0)) + math.ceil(stream + job_cpus(settings))
 
 
 def job_environment(settings: Settings) -> dict[str, str]:

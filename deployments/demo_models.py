@@ -54,10 +54,14 @@ def train_and_register(
     return lake.registry.promote(registered.name, registered.version) if promote else registered
 
 
-def ensure_demo_tenant(lake, directory: Path, tenant: str = DEMO_TENANT, kinds: tuple[str, ...] = DEMO_KINDS) -> list[ModelVersion]:
-    """The tenant's active versions, training and promoting one per kind it lacks."""
+def ensure_demo_tenant(
+    lake, directory: Path, window_length: int, tenant: str = DEMO_TENANT, kinds: tuple[str, ...] = DEMO_KINDS
+) -> list[ModelVersion]:
+    """The tenant's active versions, training and promoting one per kind it lacks, on windows of
+    ``window_length`` (the stream's ``models.window_length``, so that the app's stream scores the
+    tenant's events too)."""
     active = {model.kind for model in lake.registry.list(tenant=tenant, status=ModelStatus.ACTIVE)}
     for kind in kinds:
         if kind not in active:
-            train_and_register(lake, tenant, kind, directory)
+            train_and_register(lake, tenant, kind, directory, window_length=window_length)
     return lake.registry.active(tenant)

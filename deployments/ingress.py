@@ -1,13 +1,26 @@
-"""``Ingress``: the HTTP face of the app (``POST /v1/predict``, ``GET /healthz``).
+"""``Ingress``: the HTTP face of the app, one ASGI app per replica (Serve's ``@serve.ingress``,
+built on the replica by ``__serve_build_asgi_app__``):
 
-It parses a request into numpy windows once (``deployments.wire``), batches concurrent requests
-with ``@serve.batch`` and sends each batch to the router in one call, so that the per-request cost
-on the way to the models is one parse and a share of one handle call. Every answer is JSON.
+- ``POST /v1/predict``: scores windows (formats: ``deployments.wire``);
+- ``POST /v1/events`` (JSON object, array or NDJSON) and ``POST /v1/events/binary`` (a raw frame,
+  its fields in ``X-Rtml-*`` headers): ingestion into the event log or the ``events`` table
+  (``api.ingest``); answered once what was accepted is durable;
+- ``/graphql``: the GraphQL API over HTTP and WebSocket (``graphql-transport-ws``; ``api.graphql``);
+- ``GET /openapi.json`` (``api.openapi``) and ``GET /healthz``.
 
-Limits: a body beyond ``serving.max_request_bytes`` is a 413 (told by its Content-Length before it
-is read, or as soon as it grows past the limit), as is a request beyond
-``serving.max_request_windows``. Within them every request is answered: a batch too large for one
-gRPC message goes to the router by reference (``deployments.calls.sized``).
+The caller's tenant is decided in one place (``api.tenancy.caller_tenant``). Every answer is JSON;
+unknown routes and methods get a JSON 404/405, and nothing a client sends makes a 500.
+
+Predict: a request is parsed into numpy windows once, concurrent requests are batched by
+``@serve.batch`` and each batch goes to the router in one call, so that the per-request cost on
+the way to the models is one parse and a share of one handle call.
+
+Limits: a body beyond ``serving.max_request_bytes`` (predict) or ``api.max_ingest_bytes``
+(events) is a 413, told by its Content-Length before it is read or as soon as it grows past the
+limit, as is a request beyond ``serving.max_request_windows`` / ``api.max_ingest_events``. Within
+them every predict is answered: a batch too large for one gRPC message goes to the router by
+reference (``deployments.calls.sized``). Events count against their tenant's rate limit
+(``api.ratelimit``): a tenant over it gets a 429 with ``Retry-After``.
 
 Overload never hangs: past ``max_queued_requests`` Serve itself answers 503 with ``Retry-After``
 (the deployment's back-pressure config), and a request that has waited ``request_timeout_s`` for
@@ -21,52 +34,89 @@ import logging
 import time
 
 import numpy as np
+import orjson
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
 
+from api.graphql import graphql_app
+from api.ingest import Ingested, Ingestor, parse_json_body
+from api.openapi import openapi_document
+from api.ratelimit import TenantRateLimiter
+from api.tenancy import caller_tenant
 from deployments.calls import awaited, batch_size, call_with_retry, payload_bytes, sized
 from deployments.wire import JSON, encode_refusal, encode_result, parse_predict
+from rtml.errors import RtmlError
 from rtml.schemas import Refusal, ScoreRequest, ScoreResult
-from rtml.settings import ServingSettings
+from rtml.settings import Settings
 
 log = logging.getLogger(__name__)
 INGRESS_CONCURRENT_BATCHES = 4
 PREDICT = "/v1/predict"
+EVENTS = "/v1/events"
+BINARY_EVENTS = "/v1/events/binary"
+GRAPHQL = "/graphql"
+OPENAPI = "/openapi.json"
 HEALTHZ = "/healthz"
+ROUTES = (f"POST {PREDICT}", f"POST {EVENTS}", f"POST {BINARY_EVENTS}", f"GET|POST {GRAPHQL}", f"GET {OPENAPI}", f"GET {HEALTHZ}")
 HEALTH_TIMEOUT_S = 5.0
+# HTTP headers that carry a binary event's fields (POST /v1/events/binary), by event field.
+FRAME_HEADERS = {
+    "data_type": "x-rtml-data-type",
+    "entity": "x-rtml-entity",
+    "event_id": "x-rtml-key",
+    "event_time": "x-rtml-event-time",
+    "subject": "x-rtml-subject",
+    "attributes": "x-rtml-attributes",
+    "frame_shape": "x-rtml-frame-shape",
+    "frame_dtype": "x-rtml-frame-dtype",
+}
 
 
 @serve.deployment
+@serve.ingress()
 class Ingress:
-    def __init__(self, router: DeploymentHandle, settings: ServingSettings):
+    def __init__(self, router: DeploymentHandle, settings: Settings, stream: DeploymentHandle | None = None):
         self._router = router
-        self._settings = settings
-        self._score.set_max_batch_size(batch_size(settings, INGRESS_CONCURRENT_BATCHES))
-        self._score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._stream = stream
+        self._all_settings = settings
+        self._settings = settings.serving
+        self._score.set_max_batch_size(batch_size(self._settings, INGRESS_CONCURRENT_BATCHES))
+        self._score.set_batch_wait_timeout_s(self._settings.batch_wait_timeout_s)
+        self._ingestor: Ingestor | None = None  # opened on the first event: predict-only replicas never pay for it
+        self._limiter = TenantRateLimiter(settings.api)
 
-    async def __call__(self, request: Request) -> Response:
-        path = request.url.path
-        root = request.scope.get("root_path", "")  # the app's route prefix
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        path = path.rstrip("/") or "/"
-        if path == PREDICT:
-            return await self._predict(request) if request.method == "POST" else _refusal(Refusal(405, f"use POST {PREDICT}"))
-        if path == HEALTHZ:
-            return await self._health()
-        return _refusal(Refusal(404, f"no such endpoint {path!r}; the endpoints are POST {PREDICT} and GET {HEALTHZ}"))
+    def __serve_build_asgi_app__(self) -> Starlette:
+        """The routes of the module docstring; Serve calls it on the replica after ``__init__``."""
+        from api.data import DataAccess
+        from deployments.operations import AppOperations  # it reaches deployments.control, which imports this module's app
+        from streaming.feed import open_feed
+
+        settings = self._all_settings
+        access = DataAccess(settings, AppOperations(self._router, settings), open_feed(settings))
+        graphql = graphql_app(access, settings)
+        return Starlette(
+            routes=[
+                Route(PREDICT, self._predict, methods=["POST"]),
+                Route(EVENTS, self._events, methods=["POST"]),
+                Route(BINARY_EVENTS, self._binary_events, methods=["POST"]),
+                Route(OPENAPI, self._openapi, methods=["GET"]),
+                Route(HEALTHZ, self._health, methods=["GET"]),
+                Route(GRAPHQL, graphql, methods=["GET", "POST"]),
+                WebSocketRoute(GRAPHQL, graphql),
+            ],
+            exception_handlers={HTTPException: _http_error, Refusal: _refused},
+        )
 
     async def _predict(self, request: Request) -> Response:
         received_at = time.time()
-        try:
-            score_request, shape = parse_predict(
-                await self._body(request), request.headers.get("content-type", JSON), request.query_params, self._settings.max_request_windows
-            )
-        except Refusal as refusal:
-            return _refusal(refusal)
+        body = await self._body(request, self._settings.max_request_bytes, "serving.max_request_bytes")
+        score_request, shape = parse_predict(body, request.headers.get("content-type", JSON), request.query_params, self._settings.max_request_windows)
         score_request.available_at = np.full(len(score_request), received_at)
         try:
             outcome = await asyncio.wait_for(self._score(score_request), self._settings.request_timeout_s)
@@ -76,16 +126,15 @@ class Ingress:
             return _refusal(outcome)
         return Response(encode_result(score_request, outcome, shape), media_type=JSON)
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self._settings.max_request_bytes
+    async def _body(self, request: Request, limit: int, setting: str) -> bytes:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise Refusal(413, _too_large(f"{declared} bytes", limit))
+            raise Refusal(413, _too_large(f"{declared} bytes", limit, setting))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise Refusal(413, _too_large(f"more than {limit} bytes", limit))
+                raise Refusal(413, _too_large(f"more than {limit} bytes", limit, setting))
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -94,18 +143,83 @@ class Ingress:
         router = sized(self._router, payload_bytes(requests))
         return await call_with_retry(lambda: awaited(router.score_many.remote(requests)))
 
-    async def _health(self) -> Response:
-        """200 when the router answers; 503 otherwise."""
+    async def _events(self, request: Request) -> Response:
+        tenant = caller_tenant(request.headers)
+        limits = self._all_settings.api
+        documents = parse_json_body(await self._body(request, limits.max_ingest_bytes, "api.max_ingest_bytes"), request.headers.get("content-type", JSON))
+        if len(documents) > limits.max_ingest_events:
+            raise Refusal(413, f"{len(documents)} events in one request; the limit is {limits.max_ingest_events} (api.max_ingest_events): split the batch")
+        await self._limiter.take(tenant, len(documents))
+        ingested = await asyncio.to_thread(self._ingest().ingest_documents, tenant, documents)
+        return _ingested(ingested)
+
+    async def _binary_events(self, request: Request) -> Response:
+        tenant = caller_tenant(request.headers)
+        fields = {name: request.headers[header] for name, header in FRAME_HEADERS.items() if header in request.headers}
+        frame = await self._body(request, self._all_settings.api.max_ingest_bytes, "api.max_ingest_bytes")
+        await self._limiter.take(tenant, 1)
+        ingested = await asyncio.to_thread(self._ingest().ingest_frame, tenant, fields, frame)
+        return _ingested(ingested)
+
+    def _ingest(self) -> Ingestor:
+        if self._ingestor is None:
+            try:
+                self._ingestor = Ingestor.open(self._all_settings)
+            except RtmlError as error:  # an event log that cannot be opened now; the reason is the operator's
+                log.error("cannot open the event log: %s", error)
+                raise Refusal(503, "the event log cannot take events right now; retry later", self._settings.retry_after_s) from None
+        return self._ingestor
+
+    async def _openapi(self, request: Request) -> Response:
+        return Response(openapi_document(self._all_settings), media_type=JSON)
+
+    async def _health(self, request: Request) -> Response:
+        """200 when the router answers, with the app's stream's lag in events (when it runs); 503
+        otherwise."""
         try:
             await asyncio.wait_for(awaited(self._router.health.remote()), HEALTH_TIMEOUT_S)
         except Exception as error:  # any failure to reach the router means "not healthy"
             log.warning("health check: the router does not answer: %s", error)
             return _refusal(Refusal(503, "the model router does not answer", self._settings.retry_after_s))
-        return Response(b'{"status":"ok"}', media_type=JSON)
+        document: dict = {"status": "ok"}
+        if self._stream is not None:
+            try:
+                partitions = await asyncio.wait_for(awaited(self._stream.progress.remote()), HEALTH_TIMEOUT_S)
+                document["stream_lag_events"] = sum(max(0, end - durable) for durable, end in partitions.values())
+            except Exception as error:  # the stream is being restarted: the API still answers
+                document["stream"] = f"not answering ({type(error).__name__})"
+        return Response(orjson.dumps(document), media_type=JSON)
 
 
-def _too_large(size: str, limit: int) -> str:
-    return f"the request body has {size}; the limit is {limit} bytes (serving.max_request_bytes): split it into smaller requests"
+def _too_large(size: str, limit: int, setting: str) -> str:
+    return f"the request body has {size}; the limit is {limit} bytes ({setting}): split it into smaller requests"
+
+
+def _ingested(ingested: Ingested) -> Response:
+    """202 with what was accepted and each rejected event's index and reason; 400 when nothing was."""
+    document = {
+        "accepted": ingested.accepted,
+        "rejected": [{"index": rejected.index, "reason": rejected.reason} for rejected in ingested.rejected],
+        "event_ids": ingested.event_ids,
+    }
+    if not ingested.accepted:
+        document["error"] = "no event was accepted; see 'rejected' for each event's reason"
+    return Response(orjson.dumps(document), status_code=202 if ingested.accepted else 400, media_type=JSON)
+
+
+async def _refused(request: Request, refusal: Refusal) -> Response:
+    return _refusal(refusal)
+
+
+async def _http_error(request: Request, error: HTTPException) -> Response:
+    """Starlette's own 404/405 (and other HTTP errors) as JSON refusals naming the routes."""
+    if error.status_code == 404:
+        reason = f"no such endpoint {request.url.path!r}; the endpoints are {', '.join(ROUTES)} (see {OPENAPI})"
+    elif error.status_code == 405:
+        reason = f"{request.method} is not allowed on {request.url.path!r}; see {OPENAPI}"
+    else:
+        reason = str(error.detail)
+    return _refusal(Refusal(error.status_code, reason))
 
 
 def _refusal(refusal: Refusal) -> Response:

@@ -31,6 +31,12 @@ directory: one may replay a file that another is still committing, and the loser
 commits re-checks the keys (``lakehouse.writer``) and adds nothing. A file is removed only by a
 replica that has committed its rows itself, so never before they are durable; a replica that finds
 a file gone (another committed it first) skips it.
+
+The live feed
+-------------
+Once a group is logged, its rows go to the live feed (``streaming.feed``) as the router answers;
+the feed queues them and returns, so the answer never waits for it. Replayed files were published
+when they were logged and are not published again.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 
 from deployments.store import LakehouseStore
 from rtml.settings import Settings
+from streaming.feed import open_feed, prediction_items
 from streaming.files import replace_durably
 
 log = logging.getLogger(__name__)
@@ -122,6 +129,7 @@ class PredictionSink:
     async def __init__(self, settings: Settings):  # Serve awaits an async constructor on the replica's loop
         self._store = LakehouseStore(settings)
         self._log = PredictionLog(prediction_log_location(settings))
+        self._feed = open_feed(settings)
         self._waiting: list[tuple[pa.Table, asyncio.Future]] = []
         self._appending: asyncio.Task | None = None
         self._committing: set[asyncio.Task] = set()
@@ -158,6 +166,7 @@ class PredictionSink:
                     continue
                 for _, done in group:
                     done.set_result(None)
+                self._feed.publish("predictions", prediction_items(rows))
                 self._commit_in_background(name, rows)
         finally:
             self._appending = None
@@ -183,6 +192,7 @@ class PredictionSink:
 
     def __del__(self) -> None:  # Serve's graceful shutdown: write what is queued
         self._store.close()
+        self._feed.close()
 
 
 def _ipc_file(rows: pa.Table) -> pa.Buffer:

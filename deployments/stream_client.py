@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.app import ROUTER
+from deployments.names import ROUTER
 from rtml.schemas import Refusal, ScoreRequest, ScoreResult
 from rtml.settings import Settings
 

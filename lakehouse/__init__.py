@@ -10,7 +10,7 @@ Other packages import from here only; ``lakehouse.api`` documents the whole surf
   ``lineage(prediction_id, tenant)``, ``payload(event_row)``;
 - ``registry`` (``ModelRegistry``: idempotent ``register(model, client_token=...)``,
   compare-and-swap ``update_weights``) and ``features`` (``FeatureStore``);
-- operations: ``erase(subject, actor)`` (with a tombstone that later appends respect),
+- operations: ``erase(subject, actor, tenant=None)`` (with a tombstone that later appends respect),
   ``maintain()``, ``replicate(to=...)``.
 
 Tables: ``events``, ``features``, ``predictions``, ``feedback``, ``models``, ``enrichments``,

@@ -11,6 +11,7 @@
     lake.features.online_latest("acme", ["pump-1"])      # feature store: online_latest/offline_range/offline_dataset
     lake.lineage(prediction_id, tenant)                  # feature rows + model versions (+ training snapshots)
     lake.erase("subject-42", actor="ops")                # right to erasure, audited; replays stay erased
+    lake.erase("subject-42", actor="ops", tenant="acme") # ... of acme's rows about subject-42 only
     lake.maintain(); lake.replicate(to=other_settings)   # compaction + expiry; disaster-recovery copy
 
 Keys are unique per tenant, and so is every look-up by id: two tenants' ids never meet.
@@ -344,9 +345,12 @@ class Lakehouse:
 
     # operations --------------------------------------------------------------------------------
 
-    def erase(self, subject: str, actor: str) -> ErasureReport:
-        """Delete every row about ``subject`` from every table and retained snapshot; audited."""
-        return erasure.erase(self, subject, actor)
+    def erase(self, subject: str, actor: str, tenant: str | None = None) -> ErasureReport:
+        """Delete every row about ``subject`` from every table and retained snapshot, in every
+        tenant (``tenant=None``: the operator's ``rtml erase``) or only ``tenant``'s rows (a
+        tenant's own request: another tenant's subject of the same id keeps its rows); audited,
+        and a tombstone keeps later appends of the erased rows out."""
+        return erasure.erase(self, subject, actor, tenant)
 
     def maintain(self, retention_hours: float | None = None) -> list[MaintenanceReport]:
         """Compact small files and expire snapshots older than the retention (settings by default)."""

@@ -23,12 +23,20 @@ def erase(
     actor: Annotated[
         Optional[str], typer.Option(help="Who asks for the erasure (recorded in the audit table); default: your login.")
     ] = None,
+    tenant: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Erase only this tenant's rows about the subject (another tenant's subject of that id keeps its rows); "
+            "default: every tenant."
+        ),
+    ] = None,
 ) -> None:
     """Right to erasure: delete every row about a data subject, in every table and snapshot."""
     from lakehouse import Lakehouse
 
-    report = Lakehouse.open().erase(subject, actor=actor or _login())
-    table = Table(title=f"erased subject {report.subject_digest}")
+    report = Lakehouse.open().erase(subject, actor=actor or _login(), tenant=tenant)
+    scope = "every tenant" if report.tenant is None else f"tenant {report.tenant}"
+    table = Table(title=f"erased subject {report.subject_digest} in {scope}")
     for column in ("table", "rows removed", "snapshots expired", "files deleted", "blobs deleted"):
         table.add_column(column, justify="left" if column == "table" else "right")
     for erased in report.tables:

@@ -12,7 +12,8 @@ tables, because ids come from clients and tenants do not coordinate them. ``mode
 unique across tenants), ``audit`` and ``erasures`` keep a single key.
 
 Every table that can hold personal data has a nullable ``subject`` column so that erasure can find
-the rows (see ``lakehouse.erasure``). Column statistics of ``subject`` are switched off: Iceberg
+the rows (see ``lakehouse.erasure``), and a ``tenant`` column, because an erasure may be scoped to
+one tenant. Column statistics of ``subject`` are switched off: Iceberg
 otherwise copies each file's lowest and highest value into manifests, which would keep subject ids
 in metadata files after their rows are gone.
 
@@ -297,7 +298,9 @@ AUDIT = TableDef(
 )
 
 # Tombstones of erased data subjects (``lakehouse.erasure``), which every append of rows with a
-# subject checks. Like the audit trail it names a subject only by digest.
+# subject checks. Like the audit trail it names a subject only by digest. ``tenant`` is set on the
+# tombstone of an erasure in one tenant (whose digest covers the tenant too, so the single key
+# holds) and null for one in every tenant, as every tombstone from before it was added is.
 ERASURES = TableDef(
     name="erasures",
     keys=("subject_digest",),
@@ -309,6 +312,7 @@ ERASURES = TableDef(
             f.required("subject_digest", StringType()),
             f.required("erased_at", TimestamptzType()),
             f.required("actor", StringType()),
+            f.optional("tenant", StringType()),
         ],
     ),
 )

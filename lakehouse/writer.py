@@ -14,8 +14,9 @@ One append is one unit of work:
 2. read which of the batch's keys ``S`` already holds (only the key columns, only in the batch's
    tenant partitions and, unless ``keys_bound_by_time=False``, its time range, so the scan prunes
    to the files that can hold them; the keys themselves are matched in Arrow);
-3. for a table with a ``subject`` column, read the erasure tombstones and drop the rows of erased
-   subjects (``lakehouse.erasure``);
+3. for a table with a ``subject`` column, read the erasure tombstones and drop the rows whose
+   subject was erased in every tenant or in the row's tenant (``lakehouse.erasure``: it hashes
+   only the batch's distinct subjects, and nothing while nothing has been erased);
 4. append the rest as one new snapshot whose parent must be ``S``.
 
 The time range narrows the key scan exactly when a key always comes with the same time, as a
@@ -41,15 +42,16 @@ error instead of silently dropping data.
 
 Appends racing with an erasure
 ------------------------------
-An erasure commits the subject's tombstone first and only then commits on each table (the delete
-of the subject's rows, or an empty commit where it had none). Step 3 reads the tombstones after
-step 1 loaded ``S``. So an append that read the tombstones before the tombstone's commit had
-loaded ``S`` before it too, hence before the erasure's commit on this table: if it commits before
-that commit, its rows are there for the delete (whose own commit conflicts and re-runs if it had
-read the table earlier); if after, the table is no longer at ``S``, its commit conflicts (or it
-finds the files of ``S`` expired by the erasure, which counts as the same lost race), and the
-re-run reads the tombstone and drops the rows. Either way none of the subject's rows survive the
-erasure. A batch without a subject skips step 3.
+An erasure commits its tombstone (of the subject, or of the subject in one tenant) first and only
+then commits on each table (the delete of the rows it erases, or an empty commit where there were
+none). Step 3 reads the tombstones after step 1 loaded ``S``. So an append that read the
+tombstones before the tombstone's commit had loaded ``S`` before it too, hence before the
+erasure's commit on this table: if it commits before that commit, its rows are there for the
+delete (whose own commit conflicts and re-runs if it had read the table earlier); if after, the
+table is no longer at ``S``, its commit conflicts (or it finds the files of ``S`` expired by the
+erasure, which counts as the same lost race), and the re-run reads the tombstone and drops the
+rows. Either way none of the rows it erases survive the erasure. A batch without a subject skips
+step 3.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ from lakehouse.tables import SUBJECT, TableDef, conform, time_literal
 
 log = logging.getLogger(__name__)
 
-# Given a batch's distinct subjects, the ones that are erased (read fresh on every call).
-ErasedAmong = Callable[[pa.Array], pa.Array]
+# Given a batch's ``tenant`` and ``subject`` columns, for each row whether it is erased (the
+# tombstones read fresh on every call).
+ErasedAmong = Callable[[pa.Table], pa.Array]
 
 
 def append_idempotent(
@@ -166,12 +169,10 @@ def _with_positions(rows: pa.Table, keys: list[str]) -> pa.Table:
 
 
 def _split_erased(rows: pa.Table, erased_among: ErasedAmong) -> tuple[pa.Table, pa.Table]:
-    """(rows to keep, rows of erased subjects). Only the batch's distinct subjects are looked up."""
-    subjects = rows[SUBJECT]
-    erased = erased_among(pc.unique(subjects.drop_null().combine_chunks()))
-    if len(erased) == 0:
+    """(rows to keep, erased rows)."""
+    of_erased = erased_among(rows.select(["tenant", SUBJECT]))
+    if not pc.any(of_erased).as_py():
         return rows, rows.slice(0, 0)
-    of_erased = pc.fill_null(pc.is_in(subjects, value_set=erased), False)
     return rows.filter(pc.invert(of_erased)), rows.filter(of_erased)
 
 

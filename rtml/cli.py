@@ -12,6 +12,8 @@ import sys
 import typer
 from rich.console import Console
 
+from api.cli import app as api_app
+from api.cli import query
 from cluster.cli import app as services_app
 from deployments.cli import demo, up
 from lakehouse.cli import app as lakehouse_app
@@ -28,6 +30,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(services_app, name="services")
+app.add_typer(api_app, name="api")
+app.command()(query)
 app.add_typer(nab_app, name="nab")
 app.command("train")(train_command)
 

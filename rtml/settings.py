@@ -38,6 +38,7 @@ class ServicesSettings(BaseModel):
     elasticsearch_transport_port: int = 19300
     prometheus_port: int = 19090
     postgres_port: int = 15432
+    redis_port: int = 16379
     # Heap of each JVM server (Kafka, Neo4j, Elasticsearch): three of them share a small test machine.
     jvm_heap_mb: int = 512
     # How long `up` waits for a server to answer; parallel JVM start-ups on 2 cores take a while.
@@ -90,7 +91,9 @@ class KafkaSettings(BaseModel):
 
 
 class StreamingSettings(BaseModel):
-    source: Literal["replay", "kafka"] = "replay"
+    # Where consumers read: "replay" (a file, streaming.replay_path), "kafka" (the broker's events
+    # topics), or "log" (the embedded event log that POST /v1/events appends to, streaming.eventlog).
+    source: Literal["replay", "kafka", "log"] = "replay"
     consumers: int = 2
     max_poll_records: int = 2000
     poll_timeout_s: float = 0.05
@@ -125,6 +128,22 @@ class StreamingSettings(BaseModel):
     dead_letter_dir: str = ""
     # Consumer i serves Prometheus metrics on metrics_port + i; 0: not served (still readable via the actor).
     metrics_port: int = 0
+    # The embedded event log (streaming.eventlog: one SQLite file that every Ingress replica and
+    # consumer on this machine opens): its directory (empty: <home>/streaming/event-log), its
+    # partitions (fixed when the log is created; a series always lands in one), and how long it
+    # keeps records (a week, as Kafka's default retention; its writers delete older ones).
+    event_log_dir: str = ""
+    event_log_partitions: int = Field(default=4, ge=1)
+    event_log_retention_hours: float = Field(default=24.0 * 7, gt=0)
+    # How long an append to the event log (Kafka's acknowledgement of every record, or the embedded
+    # log's write lock) may take before the ingest answers 503 with Retry-After: shorter than a
+    # client's request timeout, so that the client hears "retry" rather than nothing.
+    event_log_timeout_s: float = Field(default=10.0, gt=0)
+    # The live feed behind GraphQL subscriptions (streaming.feed): the items each of its buffers
+    # keeps (a publisher's outbox, the broadcaster's ring per topic, a subscriber's backlog) before
+    # it drops the oldest. Ten thousand is seconds of the demo's stream: a live view that falls
+    # further behind has lost its moment, and the lakehouse keeps every row anyway.
+    feed_buffer_items: int = Field(default=10_000, ge=1)
 
 
 class ModelSettings(BaseModel):
@@ -180,6 +199,9 @@ class ServingSettings(BaseModel):
     # Scored batches remembered per router replica so feedback finds per-model scores without a read.
     remembered_batches: int = 20000
     persist_predictions: bool = True
+    # Run the app's stream (deployments.stream_runner): consumers of the event log that
+    # POST /v1/events appends to. Off where something else consumes it (`rtml demo` runs its own).
+    run_stream: bool = True
     # The prediction sink's write-ahead log (Arrow IPC files; a predict is answered once its rows
     # are in it). A path, or a pyarrow filesystem URI (s3://...) that every node reaches, so that a
     # sink replica restarted on another node replays what its predecessor logged.
@@ -214,6 +236,44 @@ class RayTrainSettings(BaseModel):
     resources_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class RateLimit(BaseModel):
+    """A token bucket: ``events_per_second`` refill, at most ``burst`` events at once."""
+
+    events_per_second: float = Field(gt=0)
+    burst: int = Field(gt=0)
+
+
+class ApiSettings(BaseModel):
+    """The API the Serve app serves (``api``): ingestion at ``/v1/events`` and GraphQL at ``/graphql``."""
+
+    # Largest ingestion body (HTTP 413 beyond it): 10,000 JSON events of ~1 KiB with room to spare.
+    max_ingest_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # Most events in one ingestion request: one request is one log transaction and one validation call.
+    max_ingest_events: int = Field(default=10_000, gt=0)
+    # Where the per-tenant rate limits count (a `limits` storage URI): "memory://" counts per
+    # Ingress replica, which is exact with the default single replica; give "redis://host:6379"
+    # for limits that hold across replicas and nodes.
+    rate_limit_storage: str = "memory://"
+    # Every tenant's limit unless rate_limits names it (None: unlimited). Twice the ingestion
+    # target of benchmarks/RESULTS.md (api), so the demo and the bench never meet it.
+    default_rate_limit: RateLimit | None = RateLimit(events_per_second=50_000, burst=100_000)
+    # Per tenant, e.g. RTML_API__RATE_LIMITS='{"acme": {"events_per_second": 100, "burst": 200}}'.
+    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+
+    # Deepest selection nesting a GraphQL document may have (levels below an operation's top
+    # field): the schema's deepest useful selection, a listing's edges -> node -> scores -> model,
+    # is 4; nesting beyond it only costs.
+    max_query_depth: int = Field(default=10, ge=1)
+    # Most a GraphQL document may cost: every field costs 1, times the `first` of each list above
+    # it (api.graphql). 25,000 lets a page of max_page_size predictions with every field through
+    # (about 14,000) and refuses two such pages in one document.
+    max_query_cost: int = Field(default=25_000, ge=1)
+    # Largest page (`first`) of a paginated list: a page is read, sorted and sent whole.
+    max_page_size: int = Field(default=500, ge=1)
+    # Most windows one analytics query may return (its time range over its window length).
+    max_analytics_windows: int = Field(default=10_000, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RTML_",
@@ -229,6 +289,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     serving: ServingSettings = ServingSettings()
     train: RayTrainSettings = RayTrainSettings()
+    api: ApiSettings = ApiSettings()
 
     @classmethod
     def settings_customise_sources(

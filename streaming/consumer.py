@@ -16,9 +16,9 @@ before it are durable is a partition checkpointed behind them.
 
 End: a consumer given targets (``finish_at``) or told to read to the current ends stops there.
 Only a stream that has really ended (a finite source, such as a replay file, read to its end)
-closes its open windows; a consumer of a live log (Kafka) checkpoints them open at its read
-position, and the next run of the group continues them, so that stopping and going on gives the
-rows one uninterrupted run gives.
+closes its open windows; a consumer of a live log (Kafka, the embedded event log) checkpoints them
+open at its read position, and the next run of the group continues them, so that stopping and
+going on gives the rows one uninterrupted run gives.
 
 Start: ``run`` loads the checkpoints and reads on from them. A partition without a checkpoint
 starts at the log's beginning; where the group had read it before (the log holds committed offsets
@@ -66,6 +66,7 @@ from streaming.checkpoints import Checkpoint, CheckpointStore
 from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
 from streaming.failures import JudgedFailure, describe, passes_later
 from streaming.features import feature_rows, feature_set_version, window_spec
+from streaming.files import storage_dir
 from streaming.router import DataRouter, EventColumns, RoutedBatch
 from streaming.scoring import EnsembleClient
 from streaming.sources.base import Source
@@ -97,14 +98,14 @@ def open_source(spec: ConsumerSpec) -> Source:
 
         kafka = spec.settings.kafka.model_copy(update={"consumer_group": spec.group})
         return KafkaSource(kafka, spec.index, spec.consumers, streaming.max_poll_records)
+    if streaming.source == "log":
+        from streaming.sources.eventlog import EventLogSource
+
+        return EventLogSource(spec.settings, spec.group, spec.index, spec.consumers)
     from streaming.sources.replay import ReplaySource
 
     owned = list(range(spec.index, streaming.replay_partitions, spec.consumers))
     return ReplaySource(spec.replay_path, streaming.replay_partitions, owned, streaming.replay_speed)
-
-
-def storage_dir(configured: str, settings: Settings, name: str) -> str:
-    return configured or str(settings.home_dir / "streaming" / name)
 
 
 def open_dead_letters(spec: ConsumerSpec) -> DeadLetterSink:

@@ -6,8 +6,8 @@
 3. the Serve app (the caller's ``start_scoring`` deploys it and returns the client to its router);
 4. the replay, from the file or (``kafka=True``) produced into a real broker as it goes, through
    the consumer actors, with a progress bar;
-5. the summary: events, predictions, injected anomalies found, event-to-prediction latency, where
-   the data lives and a command that queries it.
+5. the summary: events, predictions, injected anomalies found, event-to-prediction latency and
+   where the data lives (the caller then asks the app's GraphQL API, ``while_serving``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -76,9 +75,12 @@ def demo_settings(settings: Settings, kafka: bool, speed: float, run_id: str) ->
     kafka_settings = settings.kafka.model_copy(
         update={"topic_prefix": prefix, "dead_letter_topic": f"{prefix}.dead-letter", "consumer_group": prefix}
     )
-    # The consumers write the predictions (and commit offsets after); the router need not. A free
-    # HTTP port, so that an `rtml up` cluster on the same machine is no obstacle.
-    serving = settings.serving.model_copy(update={"persist_predictions": False, "model_kinds": DEMO_KINDS, "http_port": _free_port()})
+    # The consumers write the predictions (and commit offsets after); the router need not, and the
+    # app runs no stream of its own beside the demo's. A free HTTP port, so that an `rtml up`
+    # cluster on the same machine is no obstacle.
+    serving = settings.serving.model_copy(
+        update={"persist_predictions": False, "run_stream": False, "model_kinds": DEMO_KINDS, "http_port": _free_port()}
+    )
     return settings.model_copy(
         update={
             "home": home,
@@ -166,9 +168,11 @@ def run_demo(
     kafka: bool = False,
     speed: float = DEFAULT_SPEED,
     ray_env: dict[str, str] | None = None,
+    while_serving: Callable[[Settings], None] | None = None,
 ) -> DemoResult:
     """The demo (see the module docstring); ``ray_env`` goes to every process of the local Ray
-    cluster it starts (Serve's throughput options, from the caller)."""
+    cluster it starts (Serve's throughput options, from the caller). ``while_serving(demo
+    settings)`` runs after the replay, while the app still serves (the caller's query of it)."""
     import ray
 
     from lakehouse import Lakehouse
@@ -200,7 +204,10 @@ def run_demo(
         with console.status("starting the Serve app (ingress, router, one scorer deployment per model kind)"):
             client = start_scoring(demo)
             warm_up(client, sorted({model.tenant for model in models}), demo.models.window_length)
-        return _replay(demo, client, console, truth, models, kafka, speed, lake)
+        result = _replay(demo, client, console, truth, models, kafka, speed, lake)
+        if while_serving is not None:
+            while_serving(demo)
+        return result
     finally:
         ray.shutdown()
 
@@ -298,11 +305,3 @@ def print_summary(result: DemoResult, truth: dict, console: Console) -> None:
     console.print(table)
     lake_dir = settings.home_dir / "lakehouse"
     console.print(f"Data: Iceberg tables events, features, predictions (catalog {lake_dir / 'catalog.db'}, files under {lake_dir / 'warehouse'}).")
-    console.print("Query it, e.g. the newest anomalies of tenant acme:")
-    console.print(
-        f"  RTML_HOME={settings.home_dir} {sys.executable} -c \"from lakehouse import Lakehouse; "
-        "t = Lakehouse.open().read('predictions', tenant='acme'); "
-        "print(t.filter(t['is_anomaly']).select(['event_time', 'entity', 'ensemble_score']).to_pandas().head(10))\"",
-        soft_wrap=True,
-        highlight=False,
-    )

@@ -1,11 +1,21 @@
-"""Durable writes to local files, shared by the checkpoints and the dead-letter files: data is on
-disk once ``os.fsync`` of the file returns, and a file's name (its creation or a rename over an
-old file) once the directory holding it is fsynced too."""
+"""Where the stream keeps its files, and durable writes to them, shared by the checkpoints, the
+dead-letter files and the embedded event log: data is on disk once ``os.fsync`` of the file
+returns, and a file's name (its creation or a rename over an old file) once the directory holding
+it is fsynced too."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rtml.settings import Settings
+
+
+def storage_dir(configured: str, settings: Settings, name: str) -> str:
+    """The configured directory, or ``<home>/streaming/<name>`` when none is configured."""
+    return configured or str(settings.home_dir / "streaming" / name)
 
 
 def fsync_directory(directory: str | Path) -> None:

@@ -32,6 +32,11 @@ CONSUMER_CPUS = 0.25
 SINK_CPUS = 0.25
 
 
+def pipeline_cpus(settings: Settings) -> float:
+    """The logical CPUs one pipeline's actors ask Ray for."""
+    return settings.streaming.consumers * CONSUMER_CPUS + SINK_CPUS
+
+
 @dataclass
 class Progress:
     durable: int  # records behind the consumers' checkpoints

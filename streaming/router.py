@@ -33,7 +33,7 @@ import orjson
 import pyarrow as pa
 
 from rtml.errors import RtmlError
-from rtml.schemas import DataType, validate_events
+from rtml.schemas import DataType, Event, validate_events
 from streaming.sources.base import SourceBatch
 
 Path = Literal["stream", "batch"]
@@ -183,26 +183,13 @@ def _events(
     kept = [(i, event) for i, event in zip(candidates, validated) if event is not None]
     rows = np.array([i for i, _ in kept], dtype=np.int64)
     events = [event for _, event in kept]
-    columns = EventColumns(
-        event_id=_objects([event.event_id for event in events]),
-        tenant=_objects([event.tenant for event in events]),
-        entity=_objects([event.entity for event in events]),
-        data_type=_objects([event.data_type.value for event in events]),
-        event_time_us=_micros([event.event_time for event in events]),
-        value=np.array([event.value for event in events], dtype=np.float64),  # None becomes NaN
-        attributes=_objects([_json_text(event.attributes) for event in events]),
-        subject=_objects([event.subject for event in events]),
-        payload=_objects([frames[i] for i in rows.tolist()]),
-        partition=batch.partitions[rows].astype(np.int32),
-        offset=batch.offsets[rows].astype(np.int64),
-        available_at=batch.available_at[rows].astype(np.float64),
-    )
+    columns = event_columns(events, [frames[i] for i in rows.tolist()], batch.partitions[rows], batch.offsets[rows], batch.available_at[rows])
     # What only the record's transport can tell: image events come as frames, and frames must read.
     images: list[np.ndarray | None] = [None] * len(events)
     usable = np.ones(len(events), dtype=bool)
     for position, row in enumerate(rows.tolist()):
         if frames[row] is not None:
-            image = _frame_array(events[position].attributes, frames[row])
+            image = frame_array(events[position].attributes, frames[row])
             if isinstance(image, str):
                 reasons[row], usable[position] = image, False
             else:
@@ -211,6 +198,27 @@ def _events(
             reasons[row], usable[position] = "image events must arrive as binary frames", False
     keep = np.flatnonzero(usable)
     return columns.take(keep), [images[p] for p in keep.tolist()]
+
+
+def event_columns(
+    events: Sequence[Event], payloads: Sequence[bytes | None], partitions: np.ndarray, offsets: np.ndarray, available_at: np.ndarray
+) -> EventColumns:
+    """Validated events as columns, with each one's binary payload (a frame, or None) and where it
+    came from (for the stream's records: partition position, offset, log time)."""
+    return EventColumns(
+        event_id=_objects([event.event_id for event in events]),
+        tenant=_objects([event.tenant for event in events]),
+        entity=_objects([event.entity for event in events]),
+        data_type=_objects([event.data_type.value for event in events]),
+        event_time_us=_micros([event.event_time for event in events]),
+        value=np.array([event.value for event in events], dtype=np.float64),  # None becomes NaN
+        attributes=_objects([_json_text(event.attributes) for event in events]),
+        subject=_objects([event.subject for event in events]),
+        payload=_objects(list(payloads)),
+        partition=np.asarray(partitions).astype(np.int32),
+        offset=np.asarray(offsets).astype(np.int64),
+        available_at=np.asarray(available_at).astype(np.float64),
+    )
 
 
 def _micros(times: list[datetime]) -> np.ndarray:
@@ -227,7 +235,12 @@ def _json_text(attributes: Any) -> str | None:
     return orjson.dumps(attributes, option=orjson.OPT_SORT_KEYS, default=str).decode() if isinstance(attributes, dict) and attributes else None
 
 
-def _frame_array(attributes: Mapping[str, Any], frame: bytes) -> np.ndarray | str:
+def frame_headers(fields: Mapping[str, Any]) -> tuple[tuple[str, bytes], ...]:
+    """The headers of a binary frame record whose event fields are ``fields`` (module docstring)."""
+    return (("content-type", FRAME_CONTENT_TYPE), ("rtml-event", orjson.dumps(fields, default=str)))
+
+
+def frame_array(attributes: Mapping[str, Any], frame: bytes) -> np.ndarray | str:
     """The frame as float32 [height, width] in [0, 1], or why it cannot be read."""
     shape, dtype = attributes.get("frame_shape"), attributes.get("frame_dtype", "uint8")
     if dtype not in FRAME_DTYPES:

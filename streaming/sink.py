@@ -6,6 +6,12 @@ batch's rows are durable; consumers keep scoring meanwhile and checkpoint once i
 that fails raises a ``JudgedFailure`` that says whether it may pass later (judged here, where the
 error's cause chain is whole; Ray sends an exception to the consumer without it), so that the
 consumer rewinds and retries only what can pass.
+
+The batch's predictions go to the live feed (``streaming.feed``) as they arrive, before they are
+durable: subscribers see a prediction as soon as it is scored rather than after the next commit
+(``lakehouse.writer_flush_seconds``). The price is that a live view may see an event twice (same
+event id, a new prediction id) when a failed write makes the consumer re-score it; the lakehouse
+keeps it once. The feed queues and returns: the write never waits for it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 from rtml.settings import Settings
 from streaming.arrow_ipc import from_ipc
 from streaming.failures import JudgedFailure, passes_later
+from streaming.feed import open_feed, prediction_items
 
 TABLES = ("events", "features", "predictions")
 SINK_NICENESS = 10
@@ -36,12 +43,15 @@ class LakehouseSink:
         os.nice(SINK_NICENESS)
         self._lake = Lakehouse.open(settings)
         self._writers = {table: self._lake.writer(table) for table in TABLES}
+        self._feed = open_feed(settings)
 
     async def write(self, tables: dict[str, bytes]) -> dict[str, int]:
         """Append each table's rows (Arrow IPC, ``streaming.arrow_ipc``) idempotently; returns the
-        rows submitted per table once durable."""
+        rows submitted per table once durable; publishes the predictions on the live feed first."""
         try:
             submitted = {name: rows for name, rows in ((name, from_ipc(data)) for name, data in tables.items()) if rows.num_rows}
+            if "predictions" in submitted:
+                self._feed.publish("predictions", prediction_items(submitted["predictions"]))
             await asyncio.gather(*(asyncio.wrap_future(self._writers[name].submit(rows)) for name, rows in submitted.items()))
         except Exception as error:
             raise JudgedFailure(f"{type(error).__name__}: {error}", passes_later(error)) from error
@@ -58,3 +68,4 @@ class LakehouseSink:
                 await asyncio.to_thread(writer.close)
             except Exception as error:  # see above: nothing unreported is lost
                 log.warning("lakehouse sink: the %s writer reported a failed write while closing: %s", name, error)
+        await asyncio.to_thread(self._feed.close)

@@ -73,3 +73,9 @@ def prometheus_url() -> str:
 def postgres_dsn() -> str:
     """A SQLAlchemy URL "postgresql+psycopg2://...", usable as pyiceberg's SQL catalog uri."""
     return _answering("postgres").address
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Redis, "redis://host:port" (the API's shared rate-limit storage)."""
+    return _answering("redis").address

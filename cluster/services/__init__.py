@@ -19,10 +19,11 @@ from cluster.services.kafka import Kafka
 from cluster.services.neo4j import Neo4j
 from cluster.services.postgres import Postgres
 from cluster.services.prometheus import Prometheus
+from cluster.services.redis import Redis
 from rtml.settings import Settings, get_settings
 
 SERVICES: dict[str, type[Service]] = {
-    service.name: service for service in (Kafka, Neo4j, Elasticsearch, Prometheus, Postgres)
+    service.name: service for service in (Kafka, Neo4j, Elasticsearch, Prometheus, Postgres, Redis)
 }
 NAMES = tuple(SERVICES)
 

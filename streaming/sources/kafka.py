@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from rtml.errors import RtmlError
 from rtml.settings import KafkaSettings
-from streaming.router import FRAME_CONTENT_TYPE
+from streaming.router import frame_headers
 from streaming.sources.base import Source, SourceBatch
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,16 @@ def record_key(tenant: str, entity: str) -> bytes:
     return f"{tenant}/{entity}".encode()
 
 
-def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
+def ensure_topics(settings: KafkaSettings, topics: Iterable[str], timeout_s: float = 15.0) -> None:
     """Create the missing topics with ``settings.partitions`` partitions (the dead-letter topic is
-    compacted by key, which drops repeats of a letter)."""
+    compacted by key, which drops repeats of a letter). Each wait for the broker (reaching it, a
+    request) ends after ``timeout_s`` with kafka-python's error."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15000)
+    timeout_ms = int(timeout_s * 1000)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
     try:
         existing = set(admin.list_topics())
         wanted = [
@@ -104,7 +106,8 @@ def is_events_topic(settings: KafkaSettings, topic: str) -> bool:
 
 
 class EventProducer:
-    """Writes events (mappings with Event's fields) to their tenant's topic as JSON."""
+    """Writes events (mappings with Event's fields) to their tenant's topic as JSON or as binary
+    frames, and records as they are (``send_record``, which the event log's writer uses)."""
 
     def __init__(self, settings: KafkaSettings, **producer_options: Any):
         from kafka import KafkaProducer
@@ -117,7 +120,7 @@ class EventProducer:
         """Send one event; ``value`` overrides its JSON text (for sending malformed records)."""
         tenant, entity = str(event.get("tenant")), str(event.get("entity"))
         payload = value if value is not None else json.dumps(event, default=str).encode()
-        self._producer.send(events_topic(self._settings, tenant), key=record_key(tenant, entity), value=payload)
+        self.send_record(events_topic(self._settings, tenant), record_key(tenant, entity), payload)
 
     def send_frame(self, event: Mapping[str, Any], frame: np.ndarray) -> None:
         """Send one image event as a binary frame (``streaming.router``'s format): the raw frame
@@ -125,10 +128,12 @@ class EventProducer:
         tenant, entity = str(event.get("tenant")), str(event.get("entity"))
         attributes = {**(event.get("attributes") or {}), "frame_shape": list(frame.shape), "frame_dtype": frame.dtype.name}
         fields = {**event, "data_type": "image", "attributes": attributes}
-        headers = [("content-type", FRAME_CONTENT_TYPE), ("rtml-event", json.dumps(fields, default=str).encode())]
-        self._producer.send(
-            events_topic(self._settings, tenant), key=record_key(tenant, entity), value=np.ascontiguousarray(frame).tobytes(), headers=headers
-        )
+        self.send_record(events_topic(self._settings, tenant), record_key(tenant, entity), np.ascontiguousarray(frame).tobytes(), frame_headers(fields))
+
+    def send_record(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]] = ()) -> Any:
+        """Send one record as it is. Returns kafka-python's future, which resolves once every
+        in-sync replica holds the record (``acks="all"``) and raises the broker's error otherwise."""
+        return self._producer.send(topic, key=key, value=value, headers=list(headers) or None)
 
     def flush(self, timeout_s: float | None = None) -> None:
         self._producer.flush(timeout=timeout_s)

@@ -413,9 +413,9 @@ def test_registering_with_a_known_token_returns_the_version_it_registered(lake):
     assert [m.key for m in lake.registry.list()] == ["acme-rnn@3", "acme-rnn@2", "acme-rnn@1"]
 
 
-def feature_row(entity: str, minute: int, version: str = "fs1", subject: str | None = None) -> dict:
+def feature_row(entity: str, minute: int, version: str = "fs1", subject: str | None = None, tenant: str = "acme") -> dict:
     return {
-        "tenant": "acme",
+        "tenant": tenant,
         "entity": entity,
         "window_start": T0 + timedelta(minutes=minute),
         "window_end": T0 + timedelta(minutes=minute + 1),
@@ -484,17 +484,17 @@ def test_lineage_resolves_features_and_model_versions_with_training_snapshots(la
 # erasure -----------------------------------------------------------------------------------------
 
 
-def write_everything_about(lake: Lakehouse, subject: str, offset: int) -> None:
-    """Rows about ``subject`` in every table, over several commits (so several snapshots)."""
-    batch = events(6, subject=subject, start=offset)
+def write_everything_about(lake: Lakehouse, subject: str, offset: int, tenant: str = "acme") -> None:
+    """``tenant``'s rows about ``subject`` in every table, over several commits (so several snapshots)."""
+    batch = events(6, tenant=tenant, subject=subject, start=offset)
     batch[0] = batch[0].model_copy(update={"subject": None})
     lake.append_idempotent("events", batch[:3])
     large = {**batch[3].model_dump(), "payload": os.urandom(lake.settings.inline_payload_max_bytes + 1)}
     lake.append_idempotent("events", [large, *batch[4:]])
-    lake.append_idempotent("features", [feature_row("pump-1", offset, subject=subject)])
+    lake.append_idempotent("features", [feature_row("pump-1", offset, subject=subject, tenant=tenant)])
     prediction = Prediction(
         event_id=batch[1].event_id,
-        tenant="acme",
+        tenant=tenant,
         entity="pump-1",
         event_time=batch[1].event_time,
         scores={},
@@ -505,21 +505,32 @@ def write_everything_about(lake: Lakehouse, subject: str, offset: int) -> None:
     )
     lake.append_idempotent("predictions", [prediction])
     lake.append_idempotent(
-        "feedback", [Feedback(prediction_id=prediction.prediction_id, tenant="acme", is_anomaly=False, subject=subject)]
+        "feedback", [Feedback(prediction_id=prediction.prediction_id, tenant=tenant, is_anomaly=False, subject=subject)]
     )
     lake.append_idempotent(
         "enrichments",
-        [{"enrichment_id": f"en-{offset}", "tenant": "acme", "source": "reasoning", "created_at": T0, "subject": subject}],
+        [{"enrichment_id": f"en-{offset}", "tenant": tenant, "source": "reasoning", "created_at": T0, "subject": subject}],
     )
 
 
-def parquet_files_holding(folder: Path, subject: str) -> list[Path]:
+def parquet_files_holding(folder: Path, subject: str, tenant: str | None = None) -> list[Path]:
+    """The Parquet files under ``folder`` with a row about ``subject`` (of ``tenant``, if given)."""
     held = []
     for path in folder.rglob("*.parquet"):
         table = pq.read_table(path)
-        if "subject" in table.column_names and subject in table["subject"].to_pylist():
-            held.append(path)
+        if "subject" in table.column_names:
+            pairs = zip(table["tenant"].to_pylist(), table["subject"].to_pylist(), strict=True)
+            if any(about == subject and tenant in (None, of) for of, about in pairs):
+                held.append(path)
     return held
+
+
+def rows_of_tenant_about(lake: Lakehouse, table: str, tenant: str, subject: str, snapshot_id: int | None = None) -> int:
+    return lake.read(table, tenant=tenant, where=EqualTo("subject", subject), snapshot_id=snapshot_id).num_rows
+
+
+def blob_files(folder: Path) -> set[str]:
+    return {path.name for path in folder.rglob("*") if path.is_file() and "blobs" in path.parts}
 
 
 def test_erasure_leaves_no_trace_in_current_data_snapshots_or_files_and_is_audited(lake, make_settings):
@@ -570,12 +581,120 @@ def test_an_erased_subject_is_not_brought_back_by_a_replay(lake, make_settings):
         assert rows_about(lake, table, "bob") > 0, table
     assert lake.read("events").num_rows == 7  # bob's 5, and the two events that named nobody
     assert parquet_files_holding(Path(make_settings().lakehouse.warehouse), "alice") == []
-    blobs = {path.name for path in Path(make_settings().lakehouse.warehouse).rglob("*") if path.is_file() and "blobs" in path.parts}
-    assert blobs == {"acme-ev-103"}  # bob's large payload; hers was not kept
+    assert blob_files(Path(make_settings().lakehouse.warehouse)) == {"acme-ev-103"}  # bob's large payload; hers was not kept
     [tombstone] = lake.read("erasures").to_pylist()
     assert tombstone["subject_digest"] == lake.erase("alice", actor="dpo").subject_digest  # erasing again adds no tombstone
     assert lake.read("erasures").num_rows == 1
     assert "alice" not in str(lake.read("erasures").to_pylist())
+
+
+def test_an_erasure_in_one_tenant_removes_its_rows_about_the_subject_and_keeps_other_tenants_rows(lake, make_settings):
+    # Two tenants each know a subject "alice" (subject ids are the clients', like event ids).
+    write_everything_about(lake, "alice", offset=0, tenant="beta")
+    beta_only = {table: lake.snapshots(table)[-1].snapshot_id for table in WITH_SUBJECT}  # before acme wrote anything
+    write_everything_about(lake, "alice", offset=100, tenant="acme")
+    write_everything_about(lake, "bob", offset=200, tenant="acme")
+    warehouse = Path(make_settings().lakehouse.warehouse)
+    with_blob = And(EqualTo("subject", "alice"), NotNull("payload_uri"))
+    [acme_blob] = lake.read("events", tenant="acme", where=with_blob)["payload_uri"].to_pylist()
+
+    report = lake.erase("alice", actor="acme-admin", tenant="acme")
+
+    assert report.tenant == "acme"
+    assert {t.table: t.rows_removed for t in report.tables} == {
+        "events": 5,
+        "features": 1,
+        "predictions": 1,
+        "feedback": 1,
+        "enrichments": 1,
+    }
+    for table in WITH_SUBJECT:
+        assert rows_of_tenant_about(lake, table, "acme", "alice") == 0, table
+        assert rows_of_tenant_about(lake, table, "beta", "alice") > 0, f"beta's alice in {table} must survive"
+        assert rows_of_tenant_about(lake, table, "acme", "bob") > 0, table
+        for snapshot in lake.snapshots(table):
+            assert rows_of_tenant_about(lake, table, "acme", "alice", snapshot.snapshot_id) == 0, f"{table}@{snapshot.snapshot_id}"
+        # A snapshot that held only beta's rows about her is not expired: time travel still finds them.
+        assert rows_of_tenant_about(lake, table, "beta", "alice", beta_only[table]) > 0, table
+    assert parquet_files_holding(warehouse, "alice", tenant="acme") == []
+    assert parquet_files_holding(warehouse, "alice", tenant="beta") != []
+    assert not lake.io.new_input(acme_blob).exists()
+    assert blob_files(warehouse) == {"beta-ev-3", "acme-ev-203"}  # beta's alice, acme's bob
+
+    [tombstone] = lake.read("erasures").to_pylist()
+    assert tombstone["tenant"] == "acme" and tombstone["subject_digest"] == report.subject_digest
+    audit = lake.read("audit", where=EqualTo("action", "erase"))
+    assert sorted(audit["table_name"].to_pylist()) == sorted(WITH_SUBJECT)
+    assert {json.loads(details)["tenant"] for details in audit["details"].to_pylist()} == {"acme"}
+    assert set(audit["row_filter"].to_pylist()) == {f"tenant acme and subject {report.subject_digest}"}
+    assert "alice" not in str(lake.read("audit").to_pylist()) + str(lake.read("erasures").to_pylist())
+
+
+def test_after_an_erasure_in_one_tenant_only_that_tenants_rows_about_the_subject_are_withheld(lake, make_settings):
+    write_everything_about(lake, "alice", offset=0, tenant="acme")
+    lake.erase("alice", actor="acme-admin", tenant="acme")
+
+    write_everything_about(lake, "alice", offset=0, tenant="acme")  # a rewind replays acme's rows about her
+    write_everything_about(lake, "alice", offset=100, tenant="beta")  # beta's subject of the same id
+
+    for table in WITH_SUBJECT:
+        assert rows_of_tenant_about(lake, table, "acme", "alice") == 0, table
+        assert rows_of_tenant_about(lake, table, "beta", "alice") > 0, table
+    warehouse = Path(make_settings().lakehouse.warehouse)
+    assert blob_files(warehouse) == {"beta-ev-103"}  # acme's withheld payload was not kept
+    assert lake.erase("alice", actor="acme-admin", tenant="acme").subject_digest == lake.read("erasures")["subject_digest"][0].as_py()
+    assert lake.read("erasures").num_rows == 1  # erasing again in the same tenant adds no tombstone
+
+    # The operator's erasure in every tenant still withholds every tenant's rows, next to the scoped one.
+    lake.erase("alice", actor="dpo")
+    write_everything_about(lake, "alice", offset=100, tenant="beta")
+    write_everything_about(lake, "alice", offset=300, tenant="gamma")
+    for table in WITH_SUBJECT:
+        assert rows_about(lake, table, "alice") == 0, table
+    assert parquet_files_holding(warehouse, "alice") == []
+    assert sorted(lake.read("erasures")["tenant"].to_pylist(), key=lambda tenant: tenant or "") == [None, "acme"]
+
+
+def test_tombstones_from_before_tenant_scoped_erasure_still_hold_in_every_tenant(make_settings):
+    from pyiceberg.schema import Schema
+
+    from lakehouse.catalog import open_catalog
+    from lakehouse.erasure import subject_digest
+    from lakehouse.tables import ERASURES, TABLE_PROPERTIES
+
+    settings = make_settings()
+    catalog = open_catalog(settings.lakehouse, settings.home_dir)
+    namespace = settings.lakehouse.namespace
+    catalog.create_namespace(namespace)
+    old_fields = [field for field in ERASURES.schema.fields if field.name != "tenant"]
+    old = catalog.create_table(
+        (namespace, "erasures"),
+        schema=Schema(*old_fields, identifier_field_ids=[ERASURES.schema.find_field("subject_digest").field_id]),
+        partition_spec=ERASURES.partition_spec(),
+        properties=TABLE_PROPERTIES,
+    )
+    old_tombstone = {"subject_digest": [subject_digest("alice")], "erased_at": [T0], "actor": ["dpo"]}
+    old.append(pa.table(old_tombstone, schema=old.schema().as_arrow()))
+
+    lake = Lakehouse.open(settings)
+
+    assert "tenant" in lake.table("erasures").schema().column_names
+    rows = events(2, tenant="acme", subject="alice") + events(2, tenant="beta", subject="alice")
+    assert lake.append_idempotent("events", rows) == 0  # the old tombstone is an erasure in every tenant
+    assert lake.append_idempotent("events", events(2, tenant="acme", subject="bob", start=10)) == 2
+    lake.erase("bob", actor="acme-admin", tenant="acme")  # a scoped tombstone goes into the migrated table
+    assert lake.append_idempotent("events", events(2, tenant="acme", subject="bob", start=20)) == 0
+    assert lake.append_idempotent("events", events(2, tenant="beta", subject="bob", start=20)) == 2
+    assert sorted(lake.read("erasures")["tenant"].to_pylist(), key=lambda tenant: tenant or "") == [None, "acme"]
+
+
+def test_an_erasure_names_a_valid_tenant_or_none(lake):
+    write_everything_about(lake, "alice", offset=0)
+    for tenant in ("", "acme corp"):
+        with pytest.raises(LakehouseError, match="is not a tenant id.*leave it out to erase the subject in every tenant"):
+            lake.erase("alice", actor="dpo", tenant=tenant)
+    assert rows_about(lake, "events", "alice") == 5
+    assert lake.read("erasures").num_rows == 0
 
 
 def test_an_erasure_racing_with_appends_of_its_subject_leaves_none_of_its_rows(lake):
@@ -605,27 +724,28 @@ def test_an_erasure_racing_with_appends_of_its_subject_leaves_none_of_its_rows(l
         assert rows_about(lake, "events", "alice", snapshot.snapshot_id) == 0
 
 
+@pytest.mark.parametrize("scope", [None, "acme"], ids=["in-every-tenant", "in-her-tenant"])
 @pytest.mark.parametrize("rows_before", [0, 2], ids=["no-rows-of-her-yet", "rows-of-her-stored"])
-def test_an_append_that_read_the_tombstones_just_before_an_erasure_re_runs_and_drops_its_rows(lake, rows_before):
+def test_an_append_that_read_the_tombstones_just_before_an_erasure_re_runs_and_drops_its_rows(lake, rows_before, scope):
     from lakehouse.erasure import Tombstones
     from lakehouse.tables import EVENTS, to_arrow
     from lakehouse.writer import append_idempotent
 
     lake.append_idempotent("events", events(rows_before, subject="alice", start=100))
     tombstones = Tombstones(lambda: lake.table("erasures"))
-    seen: list[list[str]] = []
+    seen: list[list[tuple[str, str]]] = []
 
-    def erased_among(subjects: pa.Array) -> pa.Array:
-        erased = tombstones.erased_among(subjects)
+    def erased_among(rows: pa.Table) -> pa.Array:
+        erased = tombstones.erased_among(rows)
         if not seen:  # the whole erasure runs between this append's tombstone read and its commit
-            lake.erase("alice", actor="dpo")
-        seen.append(erased.to_pylist())
+            lake.erase("alice", actor="dpo", tenant=scope)
+        seen.append(sorted(set(zip(*rows.filter(erased).to_pydict().values(), strict=True))))
         return erased
 
     rows = to_arrow(EVENTS, events(3, subject="alice") + events(3, tenant="other", subject="bob"))
     appended = append_idempotent(lambda: lake.table("events"), EVENTS, rows, EVENTS.keys, 8, erased_among=erased_among)
 
-    assert seen == [[], ["alice"]]  # its commit conflicted with the erasure's, and the re-run saw the tombstone
+    assert seen == [[], [("acme", "alice")]]  # its commit conflicted with the erasure's, and the re-run saw the tombstone
     assert appended == 3
     assert (rows_about(lake, "events", "alice"), rows_about(lake, "events", "bob")) == (0, 3)
 
@@ -728,6 +848,27 @@ def test_cli_erase_prints_what_it_removed_per_table(lake, make_settings, catalog
     lines = {line.split()[1]: line.split()[3] for line in result.stdout.splitlines() if line.count("│") >= 5}
     assert lines == {"events": "5", "features": "1", "predictions": "1", "feedback": "1", "enrichments": "1"}
     assert rows_about(lake, "events", "carol") == 0
+
+
+def test_cli_erase_in_one_tenant_keeps_the_other_tenants_rows_and_rejects_a_bad_tenant(lake, make_settings, catalog_kind):
+    if catalog_kind != "sqlite":
+        pytest.skip("the CLI check needs only the embedded catalog")
+    write_everything_about(lake, "carol", offset=0, tenant="acme")
+    write_everything_about(lake, "carol", offset=100, tenant="beta")
+
+    result = run_cli(make_settings(), "erase", "--subject", "carol", "--tenant", "beta", "--actor", "dpo")
+
+    assert result.returncode == 0, result.stderr
+    assert "in tenant beta" in " ".join(result.stdout.split())  # the table's title, however rich wraps it
+    lines = {line.split()[1]: line.split()[3] for line in result.stdout.splitlines() if line.count("│") >= 5}
+    assert lines == {"events": "5", "features": "1", "predictions": "1", "feedback": "1", "enrichments": "1"}
+    assert (rows_of_tenant_about(lake, "events", "beta", "carol"), rows_of_tenant_about(lake, "events", "acme", "carol")) == (0, 5)
+
+    refused = run_cli(make_settings(), "erase", "--subject", "carol", "--tenant", "no such/tenant")
+    assert refused.returncode == 2
+    assert "'no such/tenant' is not a tenant id" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert rows_of_tenant_about(lake, "events", "acme", "carol") == 5
 
 
 def test_cli_reports_broken_metadata_without_a_traceback(lake, make_settings, catalog_kind):

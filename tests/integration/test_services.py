@@ -183,8 +183,22 @@ def test_postgres_table_round_trip(postgres_dsn):
         engine.dispose()
 
 
+def test_redis_counts_a_shared_rate_limit_across_clients(redis_url):
+    from limits import RateLimitItemPerSecond
+    from limits.storage import storage_from_string
+    from limits.strategies import SlidingWindowCounterRateLimiter
+
+    item, tenant = RateLimitItemPerSecond(10, 60), unique("tenant")
+    # Two clients, as two Ingress replicas would have: the second sees what the first counted.
+    first, second = (SlidingWindowCounterRateLimiter(storage_from_string(redis_url)) for _ in range(2))
+    assert first.hit(item, tenant, cost=8)
+    assert not second.hit(item, tenant, cost=3)
+    assert second.hit(item, tenant, cost=2)
+    assert second.get_window_stats(item, tenant).remaining == 0
+
+
 def test_status_shows_every_service_up(
-    monkeypatch, kafka_bootstrap, neo4j_uri, elasticsearch_url, prometheus_url, postgres_dsn
+    monkeypatch, kafka_bootstrap, neo4j_uri, elasticsearch_url, prometheus_url, postgres_dsn, redis_url
 ):
     from typer.testing import CliRunner
 

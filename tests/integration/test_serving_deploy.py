@@ -97,7 +97,7 @@ def test_serve_deploy_of_the_config_brings_the_app_to_running(head_node, tmp_pat
         assert app.get("status") != "DEPLOY_FAILED", app.get("message")
         assert time.monotonic() < deadline, f"not RUNNING after 300s: {app}"
         time.sleep(2)
-    assert set(app["deployments"]) == {"Ingress", "ModelRouter", "PredictionSink", "ModelScorer_rnn", "ModelScorer_cnn"}
+    assert set(app["deployments"]) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn"}
 
     window = windows_of(sensor_series()[0], 32)[0]
     response = httpx.post(f"http://127.0.0.1:{head_node['http_port']}/v1/predict", json={"tenant": "acme", "window": window.tolist()}, timeout=60)
@@ -113,5 +113,5 @@ def test_serve_build_of_the_default_app_writes_a_deployable_config(tmp_path):
     assert built.returncode == 0, built.stderr
     config = ServeDeploySchema.model_validate(yaml.safe_load(output.read_text()))
     names = {deployment.name for deployment in config.applications[0].deployments}
-    assert {"Ingress", "ModelRouter", "PredictionSink", "ModelScorer_rnn", "ModelScorer_cnn"} <= names
+    assert {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn"} <= names
     ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))

@@ -3,7 +3,8 @@ app's ModelRouter with trained models, Iceberg tables on SQLite. Each test repla
 events, most of them disturbing the run mid-way: kill -9 of a consumer, of a model replica or of
 the lakehouse sink, a broker restart, a catalog that refuses commits for a while. Afterwards every
 valid event has exactly one prediction row, and bad records are dead letters with their reasons.
-Others take the paths less travelled: per-tenant topics, binary camera frames for the image model."""
+Others take the paths less travelled: per-tenant topics, binary camera frames for the image model,
+the embedded event log that HTTP ingestion appends to."""
 
 from __future__ import annotations
 
@@ -138,19 +139,21 @@ def produced(stack, kafka_bootstrap):
     return settings, client, lake, run, events
 
 
-def _replay(settings: Settings, client, disturb=None, disturb_at: float = 0.3) -> tuple[list[dict], dict]:
-    """Consume the run's topic to its end, calling ``disturb(pipeline)`` once ``disturb_at`` of it is
-    durable; returns the consumers' stats and the progress seen when disturbed."""
+def _replay(settings: Settings, client, disturb=None, disturb_at: float = 0.3, group: str = "") -> tuple[list[dict], dict]:
+    """Consume the run's topic (or the embedded event log, for ``streaming.source = "log"``) to its
+    end as consumer group ``group`` (default: the Kafka consumer group), calling ``disturb(pipeline)``
+    once ``disturb_at`` of it is durable; returns the consumers' stats and the progress seen when
+    disturbed."""
     import ray
 
     from streaming.pipeline import Pipeline
-    from streaming.sources.kafka import log_end_offsets
+    from streaming.sources import eventlog, kafka
 
-    pipeline = Pipeline(settings, client, group=settings.kafka.consumer_group)
+    pipeline = Pipeline(settings, client, group=group or settings.kafka.consumer_group)
     seen: dict = {}
     try:
         pipeline.start()
-        pipeline.finish_at(log_end_offsets(settings.kafka))
+        pipeline.finish_at(eventlog.log_end_offsets(settings) if settings.streaming.source == "log" else kafka.log_end_offsets(settings.kafka))
         if disturb is not None:
             deadline = time.monotonic() + 180
             while (progress := pipeline.progress()).durable < disturb_at * max(progress.total, 1) and time.monotonic() < deadline:
@@ -350,6 +353,37 @@ def test_binary_frames_are_scored_by_the_image_model_on_the_stream_path(stack, k
     assert {row["data_type"] for row in frame_rows.values()} == {"image"}
     assert frame_rows[f"{run}.frame.4"]["payload"] == frames[4].tobytes()
     assert [value for value, _ in _dead_letters(settings)] == [MALFORMED[0]]  # the one _produce sent among these events
+
+
+def test_events_ingested_into_the_embedded_log_are_scored_once_though_a_consumer_is_killed(stack, tmp_path):
+    """``streaming.source = "log"``: events taken in by the ingestion core (what POST /v1/events
+    does) into the embedded event log, consumed from there by the stream with a consumer killed
+    mid-way: every event has exactly one prediction row and one events row."""
+    from api.ingest import Ingestor
+
+    settings, client, lake = stack
+    run = f"rtml-test-{uuid.uuid4().hex[:8]}"
+    settings = settings.model_copy(update={"streaming": settings.streaming.model_copy(update={"source": "log", "event_log_dir": str(tmp_path / "log")})})
+    events = _events(run)
+    ingestor = Ingestor.open(settings)
+    for start in range(0, len(events), 500):
+        for tenant in TENANTS:
+            result = ingestor.ingest_documents(tenant, [e for e in events[start : start + 500] if e["tenant"] == tenant])
+            assert result.rejected == []
+    ingestor.close()
+
+    def kill_first_consumer(pipeline) -> None:
+        os.kill(pipeline.consumer_pids()[0], signal.SIGKILL)
+
+    stats, seen = _replay(settings, client, kill_first_consumer, group=run)
+
+    assert 0 < seen["durable"] < seen["total"], "the consumer was not killed mid-way"
+    assert seen["pids_after"][0] != seen["pids"][0], "Ray did not restart the killed consumer"
+    assert stats[0]["restarts_from_checkpoint"] >= 1
+    assert {p for s in stats for p in s["partitions"]} == {f"eventlog:{p}" for p in range(settings.streaming.event_log_partitions)}
+    _assert_exactly_one_prediction_per_event(lake, run, events)
+    _assert_exactly_one_prediction_per_event(lake, run, events, table="events")
+    assert sum(s["dead_letters"] for s in stats) == 0
 
 
 def _cmdline(process) -> list[str]:

@@ -8,11 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -24,40 +21,12 @@ from lakehouse import Lakehouse
 from rtml.errors import RtmlError
 from rtml.schemas import Event, ModelStatus
 from rtml.settings import Settings
-from test_serving_deploy import _free_ports
+from rtml_up import rtml_up
 
 pytestmark = pytest.mark.timeout(900)
 BIN = Path(sys.executable).parent
 # Far above what the job takes (about a minute on the 2-core machine), far below forever.
 JOB_TIMEOUT_S = 360
-
-
-def _session_pids(session: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
-def _stop_session(session: int) -> None:
-    """`ray stop` for one cluster only: every process of the session its `rtml up` ran in (Ray's
-    daemons keep the session of the `ray start` that spawned them), by pid."""
-    for sig, grace_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-        for pid in _session_pids(session):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while _session_pids(session) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if not _session_pids(session):
-            return
 
 
 def _metric_events(tenant: str, entity: str, count: int) -> list[Event]:
@@ -68,55 +37,10 @@ def _metric_events(tenant: str, entity: str, count: int) -> list[Event]:
 
 @pytest.fixture
 def serving_cluster(tmp_path):
-    """The cluster and app `rtml up --no-demo` starts, run as a user would from a shell without the
-    venv on PATH; its processes are stopped by session in the end."""
-    ray_port, dashboard, http, agent, metrics, runtime_env, client, stats, haproxy_metrics = _free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="rtj", dir="/tmp")  # short: Ray's socket paths must stay short
-    home = tmp_path / "home"
-    bare_path = os.pathsep.join(
-        entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry and Path(entry).resolve() != BIN.resolve()
-    )
-    env = {
-        **{name: value for name, value in os.environ.items() if name not in ("VIRTUAL_ENV", "RAY_ADDRESS")},
-        "PATH": bare_path,
-        "RTML_HOME": str(home),
-        "RTML_MODELS__WINDOW_LENGTH": "16",
-        "RTML_TRAIN__EPOCHS": "1",
-        "RTML_SERVING__RAY_PORT": str(ray_port),
-        "RTML_SERVING__DASHBOARD_PORT": str(dashboard),
-        "RTML_SERVING__HTTP_PORT": str(http),
-        "RTML_SERVING__RAY_START_ARGS": json.dumps(
-            [
-                f"--temp-dir={temp_dir}",
-                f"--dashboard-agent-listen-port={agent}",
-                f"--metrics-export-port={metrics}",
-                f"--runtime-env-agent-port={runtime_env}",
-                f"--ray-client-server-port={client}",
-            ]
-        ),
-        # `ray start` turns on Ray's token authentication; the ray CLI sends the token only when told.
-        "RAY_AUTH_MODE": "token",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(haproxy_metrics),
-    }
-    up = subprocess.Popen(
-        [str(BIN / "rtml"), "up", "--no-demo"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = up.communicate(timeout=600)
-        assert up.returncode == 0, output
-        yield {"env": env, "home": home, "dashboard": f"http://127.0.0.1:{dashboard}", "up_output": output}
-    finally:
-        if up.poll() is None:
-            up.kill()
-        _stop_session(up.pid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """The cluster and app `rtml up --no-demo` starts, the app's stream included."""
+    env = {"RTML_MODELS__WINDOW_LENGTH": "16", "RTML_TRAIN__EPOCHS": "1"}
+    with rtml_up(tmp_path, "--no-demo", env=env) as cluster:
+        yield {"env": cluster.env, "home": cluster.home, "dashboard": cluster.dashboard, "up_output": cluster.up_output}
 
 
 def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from lakehouse.cli import replica_settings
+from lakehouse.erasure import subject_digest, tenant_subject_digest
 from lakehouse.errors import LakehouseError
 from lakehouse.features import feature_id, with_feature_ids
 from lakehouse.tables import EVENTS, PREDICTIONS, TABLES, to_arrow
@@ -20,6 +21,17 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 def test_every_table_with_personal_data_has_a_subject_column_and_audit_has_none():
     with_subject = {name for name, table in TABLES.items() if table.has_subject}
     assert with_subject == {"events", "features", "predictions", "feedback", "enrichments"}
+    # An erasure may be scoped to one tenant, so each of them must say whose row it is.
+    assert all("tenant" in TABLES[name].schema.column_names for name in with_subject)
+
+
+def test_tombstone_digests_of_the_two_scopes_and_of_distinct_pairs_never_coincide():
+    everywhere = {subject_digest(subject) for subject in ("s", "a", "as", '["a", "s"]')}
+    scoped = {tenant_subject_digest(tenant, subject) for tenant, subject in (("a", "s"), ("as", ""), ("", "as"), ("a", '", "s'))}
+    assert len(everywhere) == 4 and len(scoped) == 4
+    assert not everywhere & scoped
+    assert all(digest.startswith("sha256:") for digest in everywhere)
+    assert all(digest.startswith("sha256-tenant:") for digest in scoped)
 
 
 def test_kernel_records_convert_with_their_field_names():

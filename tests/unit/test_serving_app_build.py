@@ -15,10 +15,15 @@ def deployments_of(settings: dict) -> dict:
 
 def test_one_scorer_deployment_per_configured_kind_behind_the_router():
     deployments = deployments_of({"serving": {"model_kinds": ["rnn", "cnn"], "model_replicas": 2}})
-    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "ModelScorer_rnn", "ModelScorer_cnn"}
+    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn"}
     assert deployments["ModelScorer_rnn"].num_replicas == 2
     assert deployments["ModelRouter"].user_config == {"generation": 0, "rollouts": []}
     assert deployments["Ingress"].max_queued_requests == 1024
+
+
+def test_the_apps_stream_is_left_out_when_something_else_consumes_the_log():
+    deployments = deployments_of({"serving": {"model_kinds": ["rnn"], "run_stream": False}})
+    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "ModelScorer_rnn"}
 
 
 @pytest.mark.parametrize(("use_gpu", "gpus"), [("always", 0.25), ("never", None), ("auto", None)])

@@ -1,0 +1,180 @@
+"""The GraphQL ASGI app: ``graphql_app(access, settings)`` serves ``api.schema`` over HTTP (POST, and
+GET for queries) and WebSocket (the ``graphql-transport-ws`` protocol of the npm ``graphql-ws``
+client and Apollo Client), with ariadne's ASGI ``GraphQL``.
+
+Each request's context is a ``schema.Caller``: the ``TenantData`` of the tenant that
+``api.tenancy.caller_tenant`` finds in the request's headers (HTTP) or in the WebSocket's
+``connection_init`` payload (its ``x-rtml-tenant`` entry, flat or under ``headers``), else in the
+upgrade request's headers. A request without a valid tenant still runs; whatever needs data fails
+with UNAUTHENTICATED (introspection needs none).
+
+Limits, checked before anything runs: selection depth (graphene's depth limit,
+``api.max_query_depth``) and cost (ariadne's cost validator, ``api.max_query_cost``): every object
+field costs 1, times the ``first`` of each paginated field above it (its default when not given).
+
+Errors carry ``extensions.code``: GRAPHQL_PARSE_FAILED, GRAPHQL_VALIDATION_FAILED, QUERY_TOO_DEEP,
+QUERY_TOO_COSTLY, BAD_USER_INPUT (also variables that do not fit their types), NOT_FOUND,
+UNAUTHENTICATED, UNAVAILABLE (``api.data``) and INTERNAL: anything unexpected, logged here with its
+traceback and answered with a generic message, never the trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from ariadne.asgi import GraphQL
+from ariadne.asgi.handlers import GraphQLTransportWSHandler
+from ariadne.validation import cost_validator
+from graphene.validation import depth_limit_validator
+from graphql import GraphQLError, GraphQLObjectType, GraphQLSchema, GraphQLSyntaxError, validate
+from graphql.validation import ValidationRule
+
+from api.data import BAD_USER_INPUT, ApiError, DataAccess
+from api.schema import Caller, schema
+from api.tenancy import caller_tenant
+from rtml.schemas import Refusal
+from rtml.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GRAPHQL_PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
+GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
+QUERY_TOO_DEEP = "QUERY_TOO_DEEP"
+QUERY_TOO_COSTLY = "QUERY_TOO_COSTLY"
+INTERNAL = "INTERNAL"
+INTERNAL_MESSAGE = "internal error: it has been logged on the server; try again, and report it if it persists"
+
+# Where a WebSocket connection keeps its connection_init payload for the contexts of its operations.
+_CONNECTION_PARAMS = "rtml.connection_params"
+
+
+def graphql_app(access: DataAccess, settings: Settings) -> GraphQL:
+    """The ASGI app of ``api.schema`` over ``access`` (mount it at ``/graphql``)."""
+    limits = settings.api
+    costs = cost_map(schema.graphql_schema)
+    too_deep = _coded(depth_limit_validator(limits.max_query_depth), QUERY_TOO_DEEP)
+
+    def rules(_context: Any, _document: Any, data: dict) -> list[type[ValidationRule]]:
+        # The cost validator reads `first` from the request's variables, so it is made per request.
+        return [too_deep, cost_validator(limits.max_query_cost, cost_map=costs, variables=data.get("variables"))]
+
+    return GraphQL(
+        schema.graphql_schema,
+        context_value=partial(_caller, access),
+        query_validator=_validate,
+        validation_rules=rules,
+        execute_get_queries=True,
+        debug=False,
+        introspection=True,
+        logger=_ErrorLog(log, {}),
+        error_formatter=format_error,
+        websocket_handler=GraphQLTransportWSHandler(on_connect=_keep_connection_params),
+    )
+
+
+def cost_map(graphql_schema: GraphQLSchema) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every object field's cost for ariadne's cost validator: 1, times its ``first`` where it has one."""
+    return {
+        name: {
+            field_name: {"complexity": 1, **({"multipliers": ["first"]} if "first" in field.args else {})}
+            for field_name, field in graphql_type.fields.items()
+        }
+        for name, graphql_type in graphql_schema.type_map.items()
+        if isinstance(graphql_type, GraphQLObjectType) and not name.startswith("__")
+    }
+
+
+def error_code(error: GraphQLError) -> str:
+    """The ``extensions.code`` a GraphQL error is answered with (see the module docstring)."""
+    original = error.original_error
+    while isinstance(original, GraphQLError) and original.original_error is not None:
+        original = original.original_error
+    if isinstance(original, ApiError):
+        return original.code
+    code = (error.extensions or {}).get("code")
+    if code:
+        return code
+    if isinstance(error, GraphQLSyntaxError):
+        return GRAPHQL_PARSE_FAILED
+    if error.path is None:  # not from a resolver: the request's shape or its variables' values
+        return BAD_USER_INPUT
+    return INTERNAL
+
+
+def format_error(error: GraphQLError, debug: bool = False) -> dict:
+    """A GraphQL error as the client gets it: message, locations, path and ``extensions.code``;
+    an unexpected one gets a generic message (its traceback is in the server's log)."""
+    formatted = dict(error.formatted)
+    code = error_code(error)
+    if code == INTERNAL:
+        formatted["message"] = INTERNAL_MESSAGE
+        formatted["extensions"] = {"code": INTERNAL}
+    else:
+        formatted["extensions"] = {**(formatted.get("extensions") or {}), "code": code}
+    return formatted
+
+
+def _caller(access: DataAccess, connection: Any, _data: Any) -> Caller:
+    """The context of one operation: the data of the tenant the connection names."""
+    headers: Mapping[str, Any] = connection.headers
+    params = connection.scope.get(_CONNECTION_PARAMS)
+    if isinstance(params, Mapping):
+        nested = params.get("headers")
+        given = nested if isinstance(nested, Mapping) else params
+        headers = {**headers, **{str(name).lower(): value for name, value in given.items()}}
+    try:
+        return Caller(access.scoped(caller_tenant(headers)))
+    except Refusal as refusal:
+        return Caller(None, refusal.reason)
+
+
+def _keep_connection_params(websocket: Any, payload: Any) -> None:
+    websocket.scope[_CONNECTION_PARAMS] = payload
+
+
+def _validate(graphql_schema: GraphQLSchema, document: Any, rules: Any = None, max_errors: int | None = None, **kwargs: Any) -> list[GraphQLError]:
+    """graphql-core's validation, its errors coded: the cost validator's QUERY_TOO_COSTLY, the
+    spec's rules GRAPHQL_VALIDATION_FAILED (the depth limit codes its own)."""
+    errors = validate(graphql_schema, document, rules=rules, max_errors=max_errors, **kwargs)
+    for error in errors:
+        extensions = error.extensions or {}
+        if "code" not in extensions:
+            error.extensions = {**extensions, "code": QUERY_TOO_COSTLY if "cost" in extensions else GRAPHQL_VALIDATION_FAILED}
+    return errors
+
+
+class _Coding:
+    """A validation context seen through: the errors reported through it carry ``code``."""
+
+    def __init__(self, context: Any, code: str):
+        self._context, self._code = context, code
+
+    def report_error(self, error: GraphQLError) -> None:
+        error.extensions = {**(error.extensions or {}), "code": self._code}
+        self._context.report_error(error)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _coded(rule: type[ValidationRule], code: str) -> type[ValidationRule]:
+    """``rule`` with ``code`` on each error it reports."""
+
+    class Coded(rule):  # type: ignore[valid-type,misc]
+        def __init__(self, context: Any):
+            super().__init__(_Coding(context, code))
+
+    return Coded
+
+
+class _ErrorLog(logging.LoggerAdapter):
+    """ariadne logs every GraphQL error as an error with its traceback; here only unexpected ones
+    (INTERNAL) are, and a client's mistakes are logged at debug level without one."""
+
+    def log(self, level: int, msg: Any, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        if isinstance(exc_info, GraphQLError) and error_code(exc_info) != INTERNAL:
+            level, exc_info = logging.DEBUG, None
+        super().log(level, msg, *args, exc_info=exc_info, **kwargs)

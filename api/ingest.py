@@ -1,0 +1,261 @@
+"""The ingestion core: events of an HTTP request in, each handed on durably or rejected with its reason.
+
+    ingestor = Ingestor.open(settings)        # or Ingestor(settings, log_writer, lambda: lake.writer("events"))
+    result = ingestor.ingest_documents("acme", parse_json_body(body, content_type))
+    result = ingestor.ingest_frame("acme", {"entity": "cam-1", "event_time": "...", "frame_shape": "16x16"}, frame)
+
+Validation is the kernel's, once per request (``rtml.schemas.validate_events``), and a bad event
+never costs the good ones: each is reported by its position in the request (``Rejected``). The
+caller's tenant scopes the write: an event without ``tenant`` gets the caller's, one naming
+another tenant is rejected. An event without ``event_id`` gets a fresh one (returned in
+``Ingested.event_ids``), so that it can be found later; only events sent with their own ids are
+safe to send twice, since a retry of the others gets new ids.
+
+Routing is the DataRouter's rule (``streaming.routes`` by data type):
+
+- ``stream``: appended to the event log (``streaming.eventlog``), keyed ``tenant/entity``, as the
+  document itself re-encoded as JSON with its tenant and event id filled in, or for an image as a
+  binary frame with the headers the DataRouter decodes, so that a consumer reads exactly the event
+  that was validated here. The consumer lands it in ``events`` too when
+  ``streaming.land_stream_events`` is on.
+- ``batch``: appended to the lakehouse ``events`` table (the writer's ``submit(rows).result()``,
+  idempotent by ``(tenant, event id)``).
+
+Both ``ingest_*`` return only once everything accepted is durable (the log's ``append`` returned,
+the lakehouse write is done); if the log or the lakehouse cannot take it now they raise
+``Refusal(503, reason, retry_after_s)``, and the client sends the request again. Thread-safe: the
+Ingress calls them from several worker threads at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from lakehouse.writer import BatchingWriter
+from rtml.schemas import DataType, Event, Refusal, validate_events
+from rtml.settings import Settings
+from streaming.eventlog import EventLogUnavailable, EventLogWriter, LogRecord, open_event_log_writer
+from streaming.failures import passes_later
+from streaming.router import DataRouter, event_columns, frame_array, frame_headers
+from streaming.sources.kafka import record_key
+
+JSON_TYPES = ("application/json", "application/x-ndjson")
+
+
+@dataclass
+class Rejected:
+    index: int  # the event's position in the request
+    reason: str
+
+
+@dataclass
+class Ingested:
+    accepted: int  # events handed on durably
+    rejected: list[Rejected]  # each bad event with its position in the request and why
+    event_ids: list[str | None]  # per position in the request: the id stored (None where rejected)
+
+
+@dataclass(frozen=True)
+class Unparsed:
+    """An NDJSON line that is not JSON, in place of its document: it is rejected with ``reason``."""
+
+    reason: str
+
+
+def parse_json_body(body: bytes, content_type: str) -> list[Any]:
+    """The documents of a request body: ``application/json`` (one object, or an array of them) or
+    ``application/x-ndjson`` (one per non-empty line; a line that is not JSON becomes an
+    ``Unparsed`` at its position, and the other lines go on). Raises ``Refusal`` 415 for another
+    content type and 400 for a JSON body that cannot be read or is neither an object nor an array."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type not in JSON_TYPES:
+        raise Refusal(415, f"content type {content_type or '(none)'!r} is not accepted here: send {' or '.join(JSON_TYPES)}")
+    if not body.strip():
+        raise Refusal(400, "the body is empty: send one event object, an array of them, or NDJSON (one object per line)")
+    if media_type == "application/x-ndjson":
+        return [_ndjson_line(line) for line in body.splitlines() if line.strip()]
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise Refusal(400, f"the body is not valid JSON ({error}): send one event object or an array of them") from None
+    if isinstance(document, dict):
+        return [document]
+    if isinstance(document, list):
+        return document
+    raise Refusal(400, f"the body is a JSON {type(document).__name__}: send one event object or an array of them")
+
+
+def _ndjson_line(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        return Unparsed(f"not valid JSON: {error}")
+
+
+class Ingestor:
+    """What ``POST /v1/events`` and ``/v1/events/binary`` do with a parsed request (module
+    docstring). ``events_writer`` opens the lakehouse ``events`` writer, on the first batch-path
+    event. The Ingestor owns both: ``close`` closes the log and that writer."""
+
+    def __init__(self, settings: Settings, log: EventLogWriter, events_writer: Callable[[], BatchingWriter]):
+        self._routes = DataRouter(settings.streaming.routes, settings.streaming.land_stream_events).routes
+        self._log = log
+        self._open_writer = events_writer
+        self._writer: BatchingWriter | None = None
+        self._writer_lock = threading.Lock()
+        self._retry_after_s = settings.serving.retry_after_s
+        self._lakehouse_timeout_s = settings.serving.request_timeout_s
+
+    @classmethod
+    def open(cls, settings: Settings) -> Ingestor:
+        """An Ingestor over the configured event log (``open_event_log_writer``) and the lakehouse's
+        ``events`` table (connected on the first batch-path event)."""
+
+        def events_writer() -> BatchingWriter:
+            from lakehouse import Lakehouse
+
+            return Lakehouse.open(settings).writer("events")
+
+        return cls(settings, open_event_log_writer(settings), events_writer)
+
+    def ingest_documents(self, tenant: str, documents: list[Any]) -> Ingested:
+        """Validate, route and durably hand on every good document (JSON events: ``parse_json_body``)."""
+        reasons: list[str | None] = [None] * len(documents)
+        candidates: list[int] = []
+        scoped: list[dict] = []
+        for i, document in enumerate(documents):
+            reason = document.reason if isinstance(document, Unparsed) else _scope_problem(document, tenant)
+            if reason is None:
+                candidates.append(i)
+                scoped.append(document if "tenant" in document else {**document, "tenant": tenant})
+            reasons[i] = reason
+        events, problems = validate_events(scoped)
+        stream: list[LogRecord] = []
+        batch: list[Event] = []
+        event_ids: list[str | None] = [None] * len(documents)
+        for i, document, event, problem in zip(candidates, scoped, events, problems):
+            if event is None:
+                reasons[i] = problem
+            elif event.data_type is DataType.IMAGE:
+                reasons[i] = "image events must arrive as binary frames (POST /v1/events/binary)"
+            else:
+                event_ids[i] = event.event_id
+                if self._routes[event.data_type.value] == "stream":
+                    value = orjson.dumps({**document, "event_id": event.event_id})
+                    stream.append(LogRecord(record_key(event.tenant, event.entity), value))
+                else:
+                    batch.append(event)
+        self._hand_on(tenant, stream, batch, [None] * len(batch))
+        rejected = [Rejected(i, reason) for i, reason in enumerate(reasons) if reason is not None]
+        return Ingested(len(stream) + len(batch), rejected, event_ids)
+
+    def ingest_frame(self, tenant: str, fields: Mapping[str, str], frame: bytes) -> Ingested:
+        """One binary event: ``frame`` is the body, ``fields`` the event's fields as text (from
+        the request's headers): ``entity``, ``event_time``, optionally ``tenant``, ``event_id``,
+        ``subject``, ``data_type`` (``image``, the default, or ``record``, whose body lands as the
+        row's payload), ``attributes`` (a JSON object), and for an image ``frame_shape``
+        (``"HxW"``, ``"H,W"`` or ``"[H, W]"``) and ``frame_dtype`` (``uint8`` or ``float32``),
+        which join the attributes. An image's body must hold exactly ``H x W`` values of its dtype."""
+        document, reason = _frame_document(fields)
+        reason = reason or _scope_problem(document, tenant)
+        event: Event | None = None
+        if reason is None:
+            document.setdefault("tenant", tenant)
+            (event,), (reason,) = validate_events([document])
+        if event is not None and event.data_type is DataType.IMAGE and isinstance(problem := frame_array(event.attributes, frame), str):
+            reason = problem
+        if reason is not None or event is None:
+            return Ingested(0, [Rejected(0, reason or "not an event")], [None])
+        if self._routes[event.data_type.value] == "stream":
+            fields_header = {**document, "event_id": event.event_id, "attributes": event.attributes}
+            self._hand_on(tenant, [LogRecord(record_key(event.tenant, event.entity), bytes(frame), frame_headers(fields_header))], [], [])
+        else:
+            self._hand_on(tenant, [], [event], [bytes(frame)])
+        return Ingested(1, [], [event.event_id])
+
+    def _hand_on(self, tenant: str, stream: list[LogRecord], batch: list[Event], payloads: list[bytes | None]) -> None:
+        """Append ``stream`` to the log and ``batch`` (with their payloads) to ``events``, side by
+        side; return once both are durable, or raise ``Refusal(503)``."""
+        landing = None
+        if batch:
+            rows = event_columns(batch, payloads, np.zeros(len(batch)), np.zeros(len(batch)), np.zeros(len(batch))).events_table()
+            landing = self._events_writer().submit(rows)
+        try:
+            self._log.append(tenant, stream)
+        except EventLogUnavailable as error:
+            raise Refusal(503, str(error), self._retry_after_s) from error
+        if landing is not None:
+            try:
+                landing.result(timeout=self._lakehouse_timeout_s)
+            except Exception as error:
+                if not (isinstance(error, TimeoutError) or passes_later(error)):
+                    raise
+                raise Refusal(
+                    503,
+                    f"the lakehouse did not store the batch-path events within {self._lakehouse_timeout_s:g} s "
+                    f"({type(error).__name__}: {error}); send the request again later",
+                    self._retry_after_s,
+                ) from error
+
+    def _events_writer(self) -> BatchingWriter:
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = self._open_writer()
+            return self._writer
+
+    def close(self) -> None:
+        """Close the log, and write what is buffered for ``events`` and close its writer."""
+        self._log.close()
+        with self._writer_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+
+def _scope_problem(document: Any, tenant: str) -> str | None:
+    """Why a document cannot be one of the caller's events before validation: not an object, or
+    another tenant's."""
+    if not isinstance(document, dict):
+        return f"a JSON {type(document).__name__} where an event object was expected"
+    named = document.get("tenant", tenant)
+    if named != tenant:
+        return f"tenant {named!r} is not the caller's tenant {tenant!r}"
+    return None
+
+
+def _frame_document(fields: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
+    """The event's document from a binary request's text fields, or why they cannot make one."""
+    document: dict[str, Any] = {"data_type": DataType.IMAGE.value, **fields}
+    if document["data_type"] == DataType.METRIC.value:
+        return document, "a metric event carries its value, not a binary body: send it as JSON (POST /v1/events)"
+    attributes: Any = {}
+    if "attributes" in document:
+        try:
+            attributes = orjson.loads(document["attributes"])
+        except orjson.JSONDecodeError as error:
+            return document, f"attributes: not valid JSON ({error})"
+        if not isinstance(attributes, dict):
+            return document, "attributes: must be a JSON object"
+    for name in ("frame_shape", "frame_dtype"):
+        if name in document:
+            text = document.pop(name)
+            attributes[name] = _frame_shape(text) if name == "frame_shape" else text
+    if attributes:
+        document["attributes"] = attributes
+    return document, None
+
+
+def _frame_shape(text: str) -> list[int] | str:
+    """``"HxW"``, ``"H,W"`` or ``"[H, W]"`` as ``[H, W]``; anything else as it is, for the frame
+    check to name."""
+    parts = text.strip().strip("[]").replace("x", ",").split(",")
+    try:
+        return [int(part) for part in parts]
+    except ValueError:
+        return text

@@ -1,0 +1,223 @@
+"""The API on the app as `rtml up` runs it (its own Ray cluster, Serve's throughput mode, HAProxy in
+front, two Ingress replicas sharing rate limits in the real Redis), driven by real HTTP and
+WebSocket clients: httpx, a Python graphql-transport-ws client over `websockets`, and the npm
+`graphql-ws` client the dashboard's Apollo Client uses.
+
+Events POSTed to /v1/events go into the embedded event log, the app's stream scores them, and
+GraphQL reads the predictions back; the subscription receives an anomaly of a replayed stream.
+Waits are bounded polls (a busy 2-core machine), never assertions on speed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import websockets
+
+from deployments.demo_models import sensor_series
+from rtml_up import rtml_up
+
+pytestmark = pytest.mark.timeout(900)
+TENANT = "demo"  # `rtml up` trains and promotes its models
+LIMITED = "limited"
+WINDOW_LENGTH = 16
+JS_CLIENTS = Path(__file__).resolve().parents[1] / "js"
+WAIT_S = 180.0
+START = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, redis_url):
+    env = {
+        "RTML_MODELS__WINDOW_LENGTH": str(WINDOW_LENGTH),
+        "RTML_SERVING__MODEL_KINDS": '["rnn", "cnn"]',
+        "RTML_SERVING__INGRESS_REPLICAS": "2",
+        "RTML_SERVING__REGISTRY_REFRESH_S": "2",
+        "RTML_STREAMING__CONSUMERS": "1",
+        "RTML_API__RATE_LIMIT_STORAGE": redis_url,
+        # A window of 1,000 s: the test never sees it roll over, so the count is exact.
+        "RTML_API__RATE_LIMITS": json.dumps({LIMITED: {"events_per_second": 0.01, "burst": 10}}),
+    }
+    with rtml_up(tmp_path_factory.mktemp("api"), env=env) as cluster:
+        assert "/graphql" in cluster.up_output
+        yield cluster
+
+
+def _events(entity: str, values, start: datetime = START, **extra) -> list[dict]:
+    return [
+        {"event_id": f"{entity}-{i}", "entity": entity, "event_time": (start + timedelta(minutes=i)).isoformat(), "value": float(v), **extra}
+        for i, v in enumerate(values)
+    ]
+
+
+def _post(app, events, tenant: str = TENANT, content_type: str = "application/json") -> httpx.Response:
+    body = orjson.dumps(events) if content_type == "application/json" else b"\n".join(orjson.dumps(e) for e in events)
+    return httpx.post(f"{app.http}/v1/events", content=body, headers={"content-type": content_type, "x-rtml-tenant": tenant}, timeout=60)
+
+
+def _graphql(app, query: str, variables: dict | None = None, tenant: str = TENANT) -> dict:
+    answer = httpx.post(f"{app.http}/graphql", json={"query": query, "variables": variables}, headers={"x-rtml-tenant": tenant}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert not result.get("errors"), result["errors"]
+    return result["data"]
+
+
+PREDICTIONS = """query($entity: String, $asOf: DateTime) {
+  predictions(entity: $entity, first: 500, asOf: $asOf) { edges { node { predictionId eventId isAnomaly } } }
+}"""
+
+
+def _predicted(app, entity: str, as_of: str | None = None) -> dict[str, dict]:
+    edges = _graphql(app, PREDICTIONS, {"entity": entity, "asOf": as_of})["predictions"]["edges"]
+    return {edge["node"]["eventId"]: edge["node"] for edge in edges}
+
+
+def _wait_for_predictions(app, entity: str, event_ids: set[str]) -> dict[str, dict]:
+    deadline = time.monotonic() + WAIT_S
+    while not event_ids <= (found := _predicted(app, entity)).keys():
+        assert time.monotonic() < deadline, f"after {WAIT_S:.0f}s, {len(event_ids - found.keys())} of {len(event_ids)} events have no prediction"
+        time.sleep(1.0)
+    return found
+
+
+def test_an_event_posted_is_readable_via_graphql_as_a_prediction_and_history_keeps_the_earlier_state(app):
+    series = sensor_series(count=1, length=60, seed=3)[0]
+    first = _events("pump-1", series[:40])
+    answer = _post(app, first)
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["accepted"] == 40 and answer.json()["rejected"] == []
+    # Every reading is scored (the first ones on what the series has so far).
+    scored = {event["event_id"] for event in first}
+    found = _wait_for_predictions(app, "pump-1", scored)
+    assert set(found) == scored
+    before = datetime.now(timezone.utc).isoformat()
+
+    # NDJSON, continuing the series; then the state before it is still what time travel reads.
+    later = _events("pump-1", series[40:], start=START + timedelta(minutes=40))
+    for position, event in enumerate(later):
+        event["event_id"] = f"pump-1-{40 + position}"
+    assert _post(app, later, content_type="application/x-ndjson").status_code == 202
+    _wait_for_predictions(app, "pump-1", scored | {event["event_id"] for event in later})
+    assert set(_predicted(app, "pump-1", as_of=before)) == scored
+
+
+def test_a_batch_with_bad_events_keeps_the_good_ones(app):
+    events = _events("pump-2", sensor_series(count=1, length=24, seed=4)[0])
+    events[3] = {**events[3], "value": "high"}  # not a number
+    events[7] = {"event_id": "pump-2-7", "entity": "pump-2", "value": 1.0}  # no event time
+    events[9] = {**events[9], "tenant": "someone-else"}  # another tenant's event
+    answer = _post(app, events)
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert body["accepted"] == 21
+    rejected = {item["index"]: item["reason"] for item in body["rejected"]}
+    assert set(rejected) == {3, 7, 9}
+    assert "value" in rejected[3] and "event_time" in rejected[7] and "someone-else" in rejected[9]
+    # The good ones go on, and only they.
+    good = {event["event_id"] for position, event in enumerate(events) if position not in (3, 7, 9)}
+    assert set(_wait_for_predictions(app, "pump-2", good)) == good
+
+    nothing_good = _post(app, [{"entity": "pump-2"}, "not an event"])
+    assert nothing_good.status_code == 400
+    assert [item["index"] for item in nothing_good.json()["rejected"]] == [0, 1]
+
+
+def test_a_tenant_over_its_limit_gets_429_across_ingress_replicas(app):
+    answers = [_post(app, _events(f"meter-{i}", [1.0, 2.0]), tenant=LIMITED) for i in range(12)]
+    statuses = [answer.status_code for answer in answers]
+    # Its burst of 10 events is counted once in Redis, whichever of the two replicas took a request.
+    assert statuses == [202] * 5 + [429] * 7, statuses
+    assert all(int(answer.headers["retry-after"]) >= 1 for answer in answers[5:])
+    assert "rate limit" in answers[-1].json()["error"]
+    # Other tenants are not affected.
+    assert _post(app, _events("pump-3", [1.0])).status_code == 202
+
+
+def test_feedback_changes_the_weights_the_models_query_reports(app):
+    found = _wait_for_predictions(app, "pump-1", {"pump-1-0"})
+    prediction = next(iter(found.values()))
+    ensemble = "{ ensemble { members { model weight } } }"
+    before = {m["model"]: m["weight"] for m in _graphql(app, ensemble)["ensemble"]["members"]}
+    verdict = not prediction["isAnomaly"]  # the ensemble was wrong: the models that said so lose weight
+    mutation = "mutation($id: ID!, $verdict: Boolean!) { submitFeedback(verdicts: [{predictionId: $id, isAnomaly: $verdict}]) { error weights { model weight } } }"
+    [result] = _graphql(app, mutation, {"id": prediction["predictionId"], "verdict": verdict})["submitFeedback"]
+    assert result["error"] is None
+    returned = {w["model"]: w["weight"] for w in result["weights"]}
+    assert set(returned) == set(before) and returned != before
+    after = {m["model"]: m["weight"] for m in _graphql(app, ensemble)["ensemble"]["members"]}
+    assert after == pytest.approx(returned)
+
+
+async def _python_subscription(url: str, query: str, received: list, ready: asyncio.Event) -> None:
+    """A graphql-transport-ws client: connection_init with the tenant, one subscribe, every `next`."""
+    async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as socket:
+        await socket.send(json.dumps({"type": "connection_init", "payload": {"x-rtml-tenant": TENANT}}))
+        assert json.loads(await socket.recv())["type"] == "connection_ack"
+        await socket.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": query}}))
+        ready.set()
+        async for message in socket:
+            frame = json.loads(message)
+            if frame["type"] == "ping":
+                await socket.send(json.dumps({"type": "pong"}))
+            elif frame["type"] == "next":
+                received.append(frame["payload"])
+                return
+            else:
+                raise AssertionError(f"unexpected frame {frame}")
+
+
+def test_a_subscription_receives_an_anomaly_of_a_replayed_stream(app):
+    ws_url = app.http.replace("http://", "ws://") + "/graphql"
+    query = 'subscription { anomalies(entity: "pump-9") { predictionId eventId entity isAnomaly ensembleScore } }'
+    node = subprocess.Popen(
+        ["node", str(JS_CLIENTS / "subscribe.mjs"), ws_url, TENANT, "1", query],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # The node client says "connected" once the server acknowledged it.
+        assert node.stderr.readline().strip() == "connected"
+
+        async def replay_under_subscription() -> list:
+            received, ready = [], asyncio.Event()
+            listening = asyncio.create_task(_python_subscription(ws_url, query, received, ready))
+            await asyncio.wait_for(ready.wait(), 60)
+            await asyncio.sleep(1.0)  # the subscribe frame reaches the server's feed
+            # A sensor's normal readings, then a reading far outside anything it was trained on.
+            values = np.append(sensor_series(count=1, length=40, seed=5)[0], 500.0)
+            answer = await asyncio.to_thread(_post, app, _events("pump-9", values))
+            assert answer.status_code == 202, answer.text
+            await asyncio.wait_for(listening, WAIT_S)
+            return received
+
+        [python_payload] = asyncio.run(replay_under_subscription())
+        stdout, stderr = node.communicate(timeout=WAIT_S)
+        assert node.returncode == 0, stderr
+        node_payload = json.loads(stdout.splitlines()[0])
+    finally:
+        if node.poll() is None:
+            node.kill()
+    for payload in (python_payload, node_payload):
+        anomaly = payload["data"]["anomalies"]
+        assert anomaly["entity"] == "pump-9" and anomaly["isAnomaly"] is True
+    # Both clients got the stream's first anomaly.
+    assert python_payload["data"]["anomalies"]["eventId"] == node_payload["data"]["anomalies"]["eventId"]
+
+
+def test_unknown_routes_and_bad_graphql_are_4xx_json(app):
+    missing = httpx.get(f"{app.http}/nowhere", timeout=30)
+    assert missing.status_code == 404 and "/v1/events" in missing.json()["error"]
+    no_tenant = httpx.post(f"{app.http}/v1/events", content=b"{}", headers={"content-type": "application/json"}, timeout=30)
+    assert no_tenant.status_code == 401 and "x-rtml-tenant" in no_tenant.json()["error"]
+    document = httpx.get(f"{app.http}/openapi.json", timeout=30).json()
+    assert {"/v1/events", "/v1/events/binary", "/v1/predict", "/graphql", "/healthz"} <= set(document["paths"])
+    health = httpx.get(f"{app.http}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and "stream_lag_events" in health
