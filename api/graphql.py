@@ -8,12 +8,21 @@ Each request's context is a ``schema.Caller``: the ``TenantData`` of the tenant 
 upgrade request's headers. A request without a valid tenant still runs; whatever needs data fails
 with UNAUTHENTICATED (introspection needs none).
 
-Limits, checked before anything runs: selection depth (graphene's depth limit,
-``api.max_query_depth``) and cost (ariadne's cost validator, ``api.max_query_cost``): every object
-field costs 1, times the ``first`` of each paginated field above it (its default when not given).
+Requests over HTTP: a POST of ``application/json`` or a GET with ``query`` (and ``variables``,
+``operationName``) parameters; the body is read within ``api.max_graphql_bytes`` (413 beyond it)
+and decoded by orjson, whose depth limit refuses a deeply nested document (the standard library's
+json, ariadne's own, recurses into a RecursionError instead). A request that cannot be read is
+answered with a GraphQL error in JSON, as every other answer (ariadne's own answer is plain text).
+
+Limits, checked before anything runs: the document's tokens (graphql-core's parser stops past
+``api.max_query_tokens``: parsing and validation run on the event loop, and cost grows with the
+tokens), selection depth (graphene's depth limit, ``api.max_query_depth``) and cost (ariadne's
+cost validator, ``api.max_query_cost``): every object field costs 1, times the ``first`` of each
+paginated field above it (its default when not given).
 
 Errors carry ``extensions.code``: GRAPHQL_PARSE_FAILED, GRAPHQL_VALIDATION_FAILED, QUERY_TOO_DEEP,
-QUERY_TOO_COSTLY, BAD_USER_INPUT (also variables that do not fit their types), NOT_FOUND,
+QUERY_TOO_COSTLY, REQUEST_TOO_LARGE, BAD_USER_INPUT (also a request that cannot be read, and
+variables that do not fit their types), NOT_FOUND,
 UNAUTHENTICATED, UNAVAILABLE (``api.data``) and INTERNAL: anything unexpected, logged here with its
 traceback and answered with a generic message, never the trace.
 """
@@ -25,14 +34,18 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+import orjson
 from ariadne.asgi import GraphQL
-from ariadne.asgi.handlers import GraphQLTransportWSHandler
+from ariadne.asgi.handlers import GraphQLHTTPHandler, GraphQLTransportWSHandler
 from ariadne.validation import cost_validator
 from graphene.validation import depth_limit_validator
-from graphql import GraphQLError, GraphQLObjectType, GraphQLSchema, GraphQLSyntaxError, validate
+from graphql import DocumentNode, GraphQLError, GraphQLObjectType, GraphQLSchema, GraphQLSyntaxError, parse, validate
 from graphql.validation import ValidationRule
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from api.data import BAD_USER_INPUT, ApiError, DataAccess
+from api.ingest import read_body
 from api.schema import Caller, schema
 from api.tenancy import caller_tenant
 from rtml.schemas import Refusal
@@ -44,6 +57,7 @@ GRAPHQL_PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
 GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
 QUERY_TOO_DEEP = "QUERY_TOO_DEEP"
 QUERY_TOO_COSTLY = "QUERY_TOO_COSTLY"
+REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
 INTERNAL = "INTERNAL"
 INTERNAL_MESSAGE = "internal error: it has been logged on the server; try again, and report it if it persists"
 
@@ -64,6 +78,7 @@ def graphql_app(access: DataAccess, settings: Settings) -> GraphQL:
     return GraphQL(
         schema.graphql_schema,
         context_value=partial(_caller, access),
+        query_parser=partial(_parse, limits.max_query_tokens),
         query_validator=_validate,
         validation_rules=rules,
         execute_get_queries=True,
@@ -71,8 +86,51 @@ def graphql_app(access: DataAccess, settings: Settings) -> GraphQL:
         introspection=True,
         logger=_ErrorLog(log, {}),
         error_formatter=format_error,
+        http_handler=_HTTPHandler(limits.max_graphql_bytes),
         websocket_handler=GraphQLTransportWSHandler(on_connect=_keep_connection_params),
     )
+
+
+class _HTTPHandler(GraphQLHTTPHandler):
+    """ariadne's HTTP handler, reading a request as the module docstring says."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self._max_bytes = max_bytes
+
+    async def graphql_http_server(self, request: Request) -> Response:
+        try:
+            return await super().graphql_http_server(request)
+        except Refusal as refusal:  # from extract_data_from_request: the request could not be read
+            code = REQUEST_TOO_LARGE if refusal.status == 413 else BAD_USER_INPUT
+            return JSONResponse({"errors": [{"message": refusal.reason, "extensions": {"code": code}}]}, status_code=refusal.status)
+
+    async def extract_data_from_request(self, request: Request) -> Any:
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type == "application/json":
+            return _json(await read_body(request, self._max_bytes, "api.max_graphql_bytes"), "the body")
+        params = request.query_params
+        if request.method == "GET" and params.get("query"):
+            variables = params.get("variables", "").strip()
+            return {
+                "query": params["query"],
+                "operationName": params.get("operationName") or None,
+                "variables": _json(variables.encode(), "the 'variables' parameter") if variables else None,
+            }
+        sent = media_type or "no content type"
+        raise Refusal(400, f"a {request.method} of {sent}: send a POST of application/json or a GET with a 'query' parameter")
+
+
+def _json(text: bytes, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise Refusal(400, f'{what} is not valid JSON ({error}): send {{"query": ..., "variables": {{...}}}}') from None
+
+
+def _parse(max_tokens: int, _context: Any, data: dict) -> DocumentNode:
+    """The request's document, parsed by graphql-core up to ``max_tokens`` tokens."""
+    return parse(data["query"], max_tokens=max_tokens)
 
 
 def cost_map(graphql_schema: GraphQLSchema) -> dict[str, dict[str, dict[str, Any]]]:

@@ -91,6 +91,26 @@ def parse_json_body(body: bytes, content_type: str) -> list[Any]:
     raise Refusal(400, f"the body is a JSON {type(document).__name__}: send one event object or an array of them")
 
 
+async def read_body(request: Any, limit: int, setting: str) -> bytes:
+    """The body of an HTTP request (starlette's ``Request``), refused with ``Refusal`` 413 beyond
+    ``limit`` bytes (``setting`` names the knob): told by its Content-Length before it is read, or
+    as soon as a body sent without one grows past the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Refusal(413, _too_large(f"{declared} bytes", limit, setting))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refusal(413, _too_large(f"more than {limit} bytes", limit, setting))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: str, limit: int, setting: str) -> str:
+    return f"the request body has {size}; the limit is {limit} bytes ({setting}): split it into smaller requests"
+
+
 def _ndjson_line(line: bytes) -> Any:
     try:
         return orjson.loads(line)

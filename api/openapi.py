@@ -39,7 +39,8 @@ _INGEST_RESPONSES = {
     },
     "400": {
         "description": "No event was accepted (each rejected event's index and reason are listed), or the body is not JSON.",
-        "content": {"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Ingested"}, {"$ref": "#/components/schemas/Error"}]}}},
+        # anyOf, not oneOf: an Ingested answer with nothing accepted also carries an "error", so it is an Error too.
+        "content": {"application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/Ingested"}, {"$ref": "#/components/schemas/Error"}]}}},
     },
     "401": _error("No or an invalid tenant header."),
     "413": _error("The body, or its number of events, is over the limit."),

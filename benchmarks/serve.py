@@ -21,6 +21,8 @@ import io
 import json
 import os
 import platform
+
+import rich.markup
 import socket
 import subprocess
 import sys
@@ -364,7 +366,7 @@ def run(
         ]
         child = subprocess.run(command, env={**os.environ, **RAY_ENVS[ray_env], **_haproxy_of_its_own(ray_env)}, capture_output=True, text=True)
         if child.returncode != 0:  # report it and go on with the other configurations
-            progress(f"the {ray_env!r} run failed:\n{child.stderr[-3000:]}")
+            progress(rich.markup.escape(f"the {ray_env!r} run failed:\n{child.stderr[-3000:]}"))
             continue
         results.extend(Measurement(**row) for row in json.loads(child.stdout.strip().splitlines()[-1]))
     return results

@@ -193,6 +193,10 @@ def cluster_environment(settings: Settings, notes: list[str]) -> dict[str, str]:
             notes.append(f"Serve's HAProxy ingress is off: {problem}")
         else:
             env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+            # The idle limit of a WebSocket (GraphQL subscriptions) through HAProxy: Ray 2.60's
+            # config template has a `timeout tunnel` field but nothing sets it, and without it
+            # HAProxy applies its client timeout to tunnels (read by Serve when Ray starts).
+            env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] = str(settings.serving.websocket_idle_timeout_s)
     return env
 
 

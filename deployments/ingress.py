@@ -15,9 +15,9 @@ Predict: a request is parsed into numpy windows once, concurrent requests are ba
 ``@serve.batch`` and each batch goes to the router in one call, so that the per-request cost on
 the way to the models is one parse and a share of one handle call.
 
-Limits: a body beyond ``serving.max_request_bytes`` (predict) or ``api.max_ingest_bytes``
-(events) is a 413, told by its Content-Length before it is read or as soon as it grows past the
-limit, as is a request beyond ``serving.max_request_windows`` / ``api.max_ingest_events``. Within
+Limits: a body beyond ``serving.max_request_bytes`` (predict), ``api.max_ingest_bytes`` (events)
+or ``api.max_graphql_bytes`` (GraphQL) is a 413, told by its Content-Length before it is read or as
+soon as it grows past the limit (``api.ingest.read_body``), as is a request beyond ``serving.max_request_windows`` / ``api.max_ingest_events``. Within
 them every predict is answered: a batch too large for one gRPC message goes to the router by
 reference (``deployments.calls.sized``). Events count against their tenant's rate limit
 (``api.ratelimit``): a tenant over it gets a 429 with ``Retry-After``.
@@ -45,7 +45,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from api.graphql import graphql_app
-from api.ingest import Ingested, Ingestor, parse_json_body
+from api.ingest import Ingested, Ingestor, parse_json_body, read_body
 from api.openapi import openapi_document
 from api.ratelimit import TenantRateLimiter
 from api.tenancy import caller_tenant
@@ -115,7 +115,7 @@ class Ingress:
 
     async def _predict(self, request: Request) -> Response:
         received_at = time.time()
-        body = await self._body(request, self._settings.max_request_bytes, "serving.max_request_bytes")
+        body = await read_body(request, self._settings.max_request_bytes, "serving.max_request_bytes")
         score_request, shape = parse_predict(body, request.headers.get("content-type", JSON), request.query_params, self._settings.max_request_windows)
         score_request.available_at = np.full(len(score_request), received_at)
         try:
@@ -126,18 +126,6 @@ class Ingress:
             return _refusal(outcome)
         return Response(encode_result(score_request, outcome, shape), media_type=JSON)
 
-    async def _body(self, request: Request, limit: int, setting: str) -> bytes:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise Refusal(413, _too_large(f"{declared} bytes", limit, setting))
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Refusal(413, _too_large(f"more than {limit} bytes", limit, setting))
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     @serve.batch(max_concurrent_batches=INGRESS_CONCURRENT_BATCHES)
     async def _score(self, requests: list[ScoreRequest]) -> list[ScoreResult | Refusal]:
         router = sized(self._router, payload_bytes(requests))
@@ -146,7 +134,7 @@ class Ingress:
     async def _events(self, request: Request) -> Response:
         tenant = caller_tenant(request.headers)
         limits = self._all_settings.api
-        documents = parse_json_body(await self._body(request, limits.max_ingest_bytes, "api.max_ingest_bytes"), request.headers.get("content-type", JSON))
+        documents = parse_json_body(await read_body(request, limits.max_ingest_bytes, "api.max_ingest_bytes"), request.headers.get("content-type", JSON))
         if len(documents) > limits.max_ingest_events:
             raise Refusal(413, f"{len(documents)} events in one request; the limit is {limits.max_ingest_events} (api.max_ingest_events): split the batch")
         await self._limiter.take(tenant, len(documents))
@@ -156,7 +144,7 @@ class Ingress:
     async def _binary_events(self, request: Request) -> Response:
         tenant = caller_tenant(request.headers)
         fields = {name: request.headers[header] for name, header in FRAME_HEADERS.items() if header in request.headers}
-        frame = await self._body(request, self._all_settings.api.max_ingest_bytes, "api.max_ingest_bytes")
+        frame = await read_body(request, self._all_settings.api.max_ingest_bytes, "api.max_ingest_bytes")
         await self._limiter.take(tenant, 1)
         ingested = await asyncio.to_thread(self._ingest().ingest_frame, tenant, fields, frame)
         return _ingested(ingested)
@@ -189,10 +177,6 @@ class Ingress:
             except Exception as error:  # the stream is being restarted: the API still answers
                 document["stream"] = f"not answering ({type(error).__name__})"
         return Response(orjson.dumps(document), media_type=JSON)
-
-
-def _too_large(size: str, limit: int, setting: str) -> str:
-    return f"the request body has {size}; the limit is {limit} bytes ({setting}): split it into smaller requests"
 
 
 def _ingested(ingested: Ingested) -> Response:

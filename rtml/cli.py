@@ -8,6 +8,7 @@ libraries stay inside the command functions so that ``rtml --help`` is instant).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -97,6 +98,22 @@ def bench_validation(
     from benchmarks.validation import main as validation_benchmark
 
     validation_benchmark(batch, repeats, write, Console())
+
+
+@bench_app.command("api")
+def bench_api(
+    demo_home: Path = typer.Option(None, help="The demo's home whose lakehouse GraphQL reads (default: <home>/demo, which `rtml demo` writes)."),
+    clients: int = typer.Option(8, help="Concurrent HTTP clients of the full-speed ingestion run."),
+    seconds: float = typer.Option(15.0, help="Measured seconds of each ingestion run (full speed, then half of it offered)."),
+    batch: int = typer.Option(500, help="Events per JSON batch."),
+    repeats: int = typer.Option(50, help="Repeats of each GraphQL query (and of its direct read)."),
+    rounds: int = typer.Option(10, help="Rounds of spiked events (one per second) under the anomalies subscription."),
+    write: bool = typer.Option(False, "--write", help="Write the figures into benchmarks/RESULTS.md."),
+) -> None:
+    """Ingestion events/s, GraphQL p50/p99 on the demo's lakehouse and subscription latency, through the Serve app."""
+    from benchmarks.api import main as api_benchmark
+
+    api_benchmark(demo_home, clients, seconds, batch, repeats, rounds, write, Console())
 
 
 def main() -> None:

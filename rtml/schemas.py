@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -48,6 +49,21 @@ UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 Value = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
+def _storable(attributes: dict[str, Any]) -> dict[str, Any]:
+    if attributes:
+        try:  # as the event log and the events table write them (streaming.router)
+            orjson.dumps(attributes, default=str)
+        except orjson.JSONEncodeError as error:
+            raise ValueError(f"cannot be stored as JSON ({error}): nest at most 254 levels and keep integers within 64 bits") from None
+    return attributes
+
+
+# Free-form details of an event, stored as JSON text: only what orjson can write (it refuses deeper
+# nesting and larger integers than JSON readers elsewhere take), so that a writer never fails on an
+# event that validated.
+Attributes = Annotated[dict[str, Any], AfterValidator(_storable)]
+
+
 class DataType(str, Enum):
     """How an event is routed: ``metric`` values are windowed and scored now (stream path),
     ``image`` frames go to the image model, ``record`` events land in the lakehouse for batch jobs."""
@@ -68,7 +84,7 @@ class Event(BaseModel):
     data_type: DataType = DataType.METRIC
     event_time: UtcDatetime
     value: Value | None = None
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: Attributes = Field(default_factory=dict)
     # The data subject this event is about (for right-to-erasure); None when it names nobody.
     subject: SubjectId | None = None
 
@@ -118,7 +134,8 @@ def validate_events(documents: Sequence[Any]) -> tuple[list[Event | None], list[
             if problem["type"] == "extra_forbidden":
                 message = f"unknown field {where!r}; an event has only {', '.join(Event.model_fields)}"
             else:
-                message = f"{where}: {problem['msg']}" if where else problem["msg"].removeprefix("Value error, ")
+                text = problem["msg"].removeprefix("Value error, ")
+                message = f"{where}: {text}" if where else text
             reasons[index] = message if reasons[index] is None else f"{reasons[index]}; {message}"  # type: ignore[index]
     good = [i for i, reason in enumerate(reasons) if reason is None]
     events: list[Event | None] = [None] * len(documents)

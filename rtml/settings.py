@@ -179,6 +179,7 @@ class ServingSettings(BaseModel):
     cpu_forward_windows: int = 256
     max_batch_size: int = 256
     # How long the Ingress waits to fill a batch of HTTP requests; later stages take what is queued.
+    # 0 was tried (benchmarks/RESULTS.md, serving): better at concurrency 1, worse at 16.
     batch_wait_timeout_s: float = 0.002
     max_ongoing_requests: int = 256
     max_queued_requests: int = 1024
@@ -214,6 +215,9 @@ class ServingSettings(BaseModel):
     # doubled requests/s on 2 cores (benchmarks/RESULTS.md).
     throughput_optimized: bool = True
     haproxy: bool = True
+    # How long a WebSocket (a GraphQL subscription) may stay idle behind HAProxy before it is
+    # closed; clients keep theirs alive with graphql-transport-ws pings well within it.
+    websocket_idle_timeout_s: int = Field(default=3600, gt=0)
     # Extra options of the `ray start --head` that `rtml up` runs, e.g. '["--temp-dir=/tmp/r2",
     # "--ray-client-server-port=10011"]' for a second cluster beside another on one machine.
     ray_start_args: list[str] = Field(default_factory=list)
@@ -254,8 +258,8 @@ class ApiSettings(BaseModel):
     # Ingress replica, which is exact with the default single replica; give "redis://host:6379"
     # for limits that hold across replicas and nodes.
     rate_limit_storage: str = "memory://"
-    # Every tenant's limit unless rate_limits names it (None: unlimited). Twice the ingestion
-    # target of benchmarks/RESULTS.md (api), so the demo and the bench never meet it.
+    # Every tenant's limit unless rate_limits names it (None: unlimited). Far above what one
+    # tenant of the demo sends; `rtml bench api` turns limits off to measure the server itself.
     default_rate_limit: RateLimit | None = RateLimit(events_per_second=50_000, burst=100_000)
     # Per tenant, e.g. RTML_API__RATE_LIMITS='{"acme": {"events_per_second": 100, "burst": 200}}'.
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
@@ -268,6 +272,14 @@ class ApiSettings(BaseModel):
     # it (api.graphql). 25,000 lets a page of max_page_size predictions with every field through
     # (about 14,000) and refuses two such pages in one document.
     max_query_cost: int = Field(default=25_000, ge=1)
+    # Largest GraphQL request body (HTTP 413 beyond it): a document and its variables. The
+    # dashboard's documents are a few KiB; the rest is room for variables (a submitFeedback of
+    # thousands of verdicts).
+    max_graphql_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Most lexical tokens a GraphQL document may have (graphql-core stops parsing beyond it): parsing
+    # and validation run on the Ingress's event loop and grow with the tokens (~0.2 s per 10,000 on
+    # this machine), while a page query of every prediction field has about 120.
+    max_query_tokens: int = Field(default=10_000, ge=1)
     # Largest page (`first`) of a paginated list: a page is read, sorted and sent whole.
     max_page_size: int = Field(default=500, ge=1)
     # Most windows one analytics query may return (its time range over its window length).

@@ -247,6 +247,9 @@ def frame_array(attributes: Mapping[str, Any], frame: bytes) -> np.ndarray | str
         return f"frame_dtype must be one of {sorted(FRAME_DTYPES)}"
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
         return "a binary frame needs attributes.frame_shape = [height, width]"
+    itemsize = np.dtype(FRAME_DTYPES[dtype]).itemsize
+    if len(frame) % itemsize:
+        return f"the frame has {len(frame)} bytes, not a whole number of {dtype} values ({itemsize} bytes each)"
     data = np.frombuffer(frame, dtype=FRAME_DTYPES[dtype])
     if data.size != shape[0] * shape[1]:
         return f"the frame has {data.size} values, not {shape[0]} x {shape[1]}"

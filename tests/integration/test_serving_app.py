@@ -222,7 +222,7 @@ def test_a_bad_request_in_a_busy_moment_costs_no_one_else_their_answer(app: App)
 
 
 def test_other_endpoints(app: App):
-    assert httpx.get(f"{app.url}/healthz", timeout=30).json() == {"status": "ok"}
+    assert httpx.get(f"{app.url}/healthz", timeout=30).json() == {"status": "ok", "stream_lag_events": 0}
     assert httpx.get(f"{app.url}/v1/predict", timeout=30).status_code == 405
     assert httpx.get(f"{app.url}/v1/nothing", timeout=30).status_code == 404
     response = httpx.post(f"{app.url}/v1/predict", content=b"a,b", headers={"content-type": "text/csv"}, timeout=30)

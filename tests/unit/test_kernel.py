@@ -71,3 +71,19 @@ def test_cli_module_and_help_list_every_top_level_command():
     )
     for command in ("demo", "up", "services", "nab", "train", "erase", "lakehouse", "bench"):
         assert command in result.stdout
+
+
+def test_attributes_that_cannot_be_stored_as_json_are_rejected_with_their_reason():
+    """Attributes are stored as JSON text (orjson: at most 254 levels, integers within 64 bits);
+    an event whose attributes cannot be is rejected here, not failed on later by the writer."""
+    good = {"tenant": "acme", "entity": "pump-1", "event_time": "2026-01-01T12:00:00", "value": 2}
+    deep: dict = {}
+    level = deep
+    for _ in range(300):
+        level["a"] = {}
+        level = level["a"]
+    documents = [{**good, "attributes": {"big": 2**70}}, {**good, "attributes": deep}, {**good, "attributes": {"fine": [1, {"x": None}]}}]
+    events, reasons = validate_events(documents)
+    assert events[0] is None and events[1] is None and events[2] is not None
+    assert reasons[0].startswith("attributes: ") and "64-bit" in reasons[0]
+    assert reasons[1].startswith("attributes: ") and "nest" in reasons[1]
