@@ -51,15 +51,18 @@ def nab_score(
     results: Path = typer.Option(..., help="Directory written by `rtml nab --out`."),
     labels: Path = typer.Option(..., help="NAB label windows JSON (combined_windows.json)."),
     report: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
+    category: list[str] = typer.Option(
+        [], help="Score only this category's files (repeatable): a split, with its threshold optimised on it alone."
+    ),
 ) -> None:
     """Score result files with NAB's rules: one corpus-wide threshold per profile, normalised 0-100."""
     from rich.table import Table
 
     from models.nab.scorer import load_results, score_corpus
 
-    files, total_windows = load_results(results, labels)
+    files, total_windows = load_results(results, labels, category)
     outcomes = score_corpus(files, total_windows)
-    table = Table("profile", "score", "threshold", "raw", "null", "perfect", title=f"NAB scores of {results}")
+    table = Table("profile", "score", "threshold", "raw", "null", "perfect", title=f"NAB scores of {results}" + (f" ({', '.join(category)})" if category else ""))
     for result in outcomes:
         table.add_row(
             result.profile.name,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,14 +188,17 @@ def score_corpus(files: list[ScoredFile], total_windows: int, profiles=PROFILES)
     return results
 
 
-def load_results(results_dir: Path, labels_path: Path) -> tuple[list[ScoredFile], int]:
-    """Read ``results_dir/<category>/<name>.csv`` for every file named in the labels (windows) JSON."""
+def load_results(results_dir: Path, labels_path: Path, categories: Sequence[str] = ()) -> tuple[list[ScoredFile], int]:
+    """Read ``results_dir/<category>/<name>.csv`` for every file named in the labels (windows) JSON,
+    or only for the files of ``categories`` (a split: its threshold is then optimised on it alone)."""
     try:
         labels = json.loads(Path(labels_path).read_text())
     except FileNotFoundError:
         raise RtmlError(f"labels file {labels_path} does not exist") from None
     except json.JSONDecodeError as error:
         raise RtmlError(f"labels file {labels_path} is not valid JSON: {error}") from None
+    if categories:
+        labels = _split(labels, categories, labels_path)
     results_dir = Path(results_dir)
     found = {str(p.relative_to(results_dir)) for p in results_dir.glob("*/*.csv")}
     if not found:
@@ -204,6 +208,15 @@ def load_results(results_dir: Path, labels_path: Path) -> tuple[list[ScoredFile]
         raise RtmlError(f"{len(missing)} labelled file(s) have no results in {results_dir}, e.g. {missing[0]}")
     files = [_read_result(results_dir / name, name, labels[name]) for name in sorted(labels)]
     return files, sum(len(windows) for windows in labels.values())
+
+
+def _split(labels: dict, categories: Sequence[str], labels_path: Path) -> dict:
+    """The labels of the files whose category (the first path part) is one of ``categories``."""
+    known = sorted({name.split("/", 1)[0] for name in labels})
+    unknown = sorted(set(categories) - set(known))
+    if unknown:
+        raise RtmlError(f"no category {', '.join(unknown)} in {labels_path}; its categories are {', '.join(known)}")
+    return {name: windows for name, windows in labels.items() if name.split("/", 1)[0] in set(categories)}
 
 
 def _read_result(path: Path, name: str, windows: list[list[str]]) -> ScoredFile:

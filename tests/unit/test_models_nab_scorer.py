@@ -233,3 +233,21 @@ def test_missing_result_files_and_bad_scores_are_named(tmp_path):
     labels.write_text(json.dumps({"cat/f.csv": []}))
     with pytest.raises(RtmlError, match=r"\[0, 1\]"):
         load_results(tmp_path / "out", labels)
+
+
+def test_a_split_is_scored_alone_with_its_own_threshold(tmp_path):
+    write_results(tmp_path / "out", detections_at(40))
+    other = tmp_path / "out" / "other"
+    other.mkdir()
+    pd.DataFrame({"timestamp": STAMPS.astype(str), "value": 1.0, "anomaly_score": np.zeros(100)}).to_csv(other / "g.csv", index=False)
+    labels = tmp_path / "windows.json"
+    window = [[s + ".000000" for s in WINDOW[0]]]
+    labels.write_text(json.dumps({"cat/f.csv": window, "other/g.csv": window}))
+    both = score_corpus(*load_results(tmp_path / "out", labels))
+    detected = score_corpus(*load_results(tmp_path / "out", labels, ["cat"]))
+    missed = score_corpus(*load_results(tmp_path / "out", labels, ["other"]))
+    assert [r.normalized for r in detected] == pytest.approx([100.0, 100.0, 100.0])
+    assert [r.normalized for r in missed] == pytest.approx([0.0, 0.0, 0.0])
+    assert 0.0 < both[0].normalized < 100.0
+    with pytest.raises(RtmlError, match="no category nope.*cat, other"):
+        load_results(tmp_path / "out", labels, ["nope"])
