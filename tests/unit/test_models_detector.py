@@ -1,10 +1,23 @@
-"""The streaming detector: causal (appending future values never changes earlier scores), calibrated
-to [0, 1], and it flags what it should."""
+"""The streaming detector: causal (appending future values never changes earlier scores), the same
+scores however the stream is cut into chunks and its state saved between them, calibrated to
+[0, 1], and it flags what it should."""
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from models.detector import DetectorConfig, ForecasterSpec, _likelihood, detect, seasonal_lag
+from models.detector import (
+    DetectorConfig,
+    ForecasterSpec,
+    SeriesInput,
+    SeriesScoring,
+    _LikelihoodTail,
+    detect,
+    fit_forecaster,
+    forecast_rows,
+    seasonal_lag,
+)
 
 # Small and quick, but with every part of the default detector: forecasters of two kinds with
 # refits, the seasonal member and novelty.
@@ -68,13 +81,52 @@ def test_a_week_whose_days_differ_is_the_period_not_the_day():
     assert seasonal_lag(values, 0.5) == 7 * 48
 
 
+def likelihood(errors, short, long, min_spread):
+    return _LikelihoodTail.empty(short, long).advance(errors, short, long, min_spread)
+
+
 def test_a_rise_in_steady_errors_far_below_the_series_spread_is_no_anomaly():
     # A forecaster's error on a flat line is steady and shifts a little when it is refitted.
     errors = np.full(900, 0.03)
     errors[600:] = 0.036
-    assert _likelihood(errors, 8, 500, min_spread=0.01).max() < 0.1
+    assert likelihood(errors, 8, 500, min_spread=0.01).max() < 0.1
     errors[800:] = 0.5
-    assert _likelihood(errors, 8, 500, min_spread=0.01)[800] > 0.9
+    assert likelihood(errors, 8, 500, min_spread=0.01)[800] > 0.9
+
+
+def chunked_detect(values, learning_rows, config, cuts):
+    """The detector as a stream runs it: chunk by chunk, each state saved to a row and loaded
+    back between chunks (a checkpoint and a restart), fits made when they become due."""
+    inputs = SeriesInput.start(learning_rows, config)
+    scoring = SeriesScoring.start(learning_rows, config)
+    networks = [{} for _ in config.forecasters]
+    scores = []
+    for start, end in zip([0, *cuts], [*cuts, len(values)]):
+        inputs = SeriesInput.from_row(inputs.to_row())
+        scoring = SeriesScoring.from_row(scoring.to_row())
+        rows, due = inputs.advance(values[start:end], config)
+        for fit in due:
+            previous = networks[fit.forecaster].get(fit.index - 1)
+            networks[fit.forecaster][fit.index] = fit_forecaster(config.forecasters[fit.forecaster], config, fit, previous)
+        forecasts = [forecast_rows(rows, j, networks[j]) for j in range(len(config.forecasters))]
+        scores.append(scoring.advance(rows, forecasts, config))
+    return np.concatenate(scores)
+
+
+SHORT = seasonal_series(520)
+SHORT[430] += 5
+SHORT_SCORES = detect(SHORT, learning_rows=150, config=QUICK)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(1, len(SHORT) - 1), max_size=8, unique=True).map(sorted))
+def test_any_chunking_with_state_saved_between_chunks_gives_the_one_pass_scores(cuts):
+    np.testing.assert_array_equal(chunked_detect(SHORT, 150, QUICK, cuts), SHORT_SCORES)
+
+
+def test_one_value_at_a_time_gives_the_one_pass_scores():
+    cuts = list(range(1, 200)) + list(range(420, 440))  # the learning period's end, and the spike
+    np.testing.assert_array_equal(chunked_detect(SHORT, 150, QUICK, cuts), SHORT_SCORES)
 
 
 def test_non_finite_values_are_refused():
