@@ -1,5 +1,6 @@
 """The Serve application: ``build_app(args)`` wires Ingress -> ModelRouter -> one ModelScorer
-deployment per model kind, the router's PredictionSink (lakehouse writes), the StreamRunner (the
+deployment per model kind and the EntityForecaster (the stream detector's per-entity networks), the
+router's PredictionSink (lakehouse writes), the StreamRunner (the
 stream over the event log that the Ingress's ``/v1/events`` appends to) and, later, the AgentGraph.
 The Ingress also serves the API (``api``: ingestion, GraphQL, OpenAPI).
 
@@ -32,7 +33,8 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.schema import LoggingConfig
 
 from deployments.ingress import Ingress
-from deployments.names import INGRESS, ROUTER, SINK, STREAM, scorer_name
+from deployments.forecaster import EntityForecaster
+from deployments.names import FORECASTER, INGRESS, ROUTER, SINK, STREAM, scorer_name
 from deployments.router import ModelRouter, RouterConfig
 from deployments.scorer import ModelScorer
 from deployments.sink import PredictionSink
@@ -81,6 +83,17 @@ def build_app(args: AppArgs) -> serve.Application:
         name=SINK, num_replicas=1, ray_actor_options=cpu_only, logging_config=logging_config
     ).bind(settings)
     agent_graph = import_attr(args.agent_graph).bind(settings) if args.agent_graph else None
+    forecaster = (
+        EntityForecaster.options(
+            name=FORECASTER,
+            num_replicas=settings.detector.forecaster_replicas,
+            ray_actor_options=scorer_resources,
+            max_ongoing_requests=serving.max_ongoing_requests,
+            logging_config=logging_config,
+        ).bind()
+        if settings.detector.enabled
+        else None
+    )
     router = ModelRouter.options(
         name=ROUTER,
         num_replicas=serving.router_replicas,
@@ -88,7 +101,7 @@ def build_app(args: AppArgs) -> serve.Application:
         max_ongoing_requests=serving.max_ongoing_requests,
         user_config=RouterConfig().model_dump(),
         logging_config=logging_config,
-    ).bind(settings, scorers, sink, agent_graph)
+    ).bind(settings, scorers, sink, agent_graph, forecaster)
     # It needs no CPU of its own (it supervises); its consumers and sink ask for theirs.
     stream = (
         StreamRunner.options(name=STREAM, num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config=logging_config).bind(settings)

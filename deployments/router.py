@@ -93,8 +93,10 @@ class ModelRouter:
         scorers: dict[str, DeploymentHandle],
         sink: DeploymentHandle,
         agent_graph: DeploymentHandle | None = None,
+        forecaster: DeploymentHandle | None = None,
     ):
         self._serving = settings.serving
+        self._forecaster = forecaster
         self._threshold = settings.models.anomaly_threshold
         self._scorers = scorers
         self._sink = sink
@@ -153,12 +155,17 @@ class ModelRouter:
     async def _score_all(self, requests: list[ScoreRequest]) -> list[tuple[ScoreResult | Refusal, asyncio.Future | None]]:
         """Each request's result or refusal, with the write of its predictions to wait for (None:
         nothing to wait for)."""
-        await self._ensure_fresh({request.tenant for request in requests})
+        # A tenant scored by the stream's detector alone has no ensemble to look for.
+        await self._ensure_fresh({request.tenant for request in requests if not request.forecasts})
+        forecasting = asyncio.ensure_future(self._forecast_all(requests))
         results: list[tuple[ScoreResult | Refusal, asyncio.Future | None] | None] = [None] * len(requests)
         groups: dict[tuple, tuple[Plan, list[int]]] = {}
         unhealthy = self._unhealthy_now()
         for index, request in enumerate(requests):
             checked = self._checked(request)
+            if isinstance(checked, Refusal) and request.forecasts and checked.status == 404:
+                results[index] = (_detector_only(request), None)
+                continue
             if isinstance(checked, Refusal):
                 results[index] = (checked, None)
                 continue
@@ -177,7 +184,50 @@ class ModelRouter:
         for (_, indices), outcome in zip(groups.values(), outcomes):
             for position, index in enumerate(indices):
                 results[index] = (outcome, None) if isinstance(outcome, Refusal) else (outcome[0][position], outcome[1])
+        forecasts = await forecasting
+        for index, request in enumerate(requests):
+            result = results[index][0]  # type: ignore[index]
+            if request.forecasts and isinstance(result, ScoreResult):
+                if isinstance(forecasts[index], Refusal):
+                    results[index] = (forecasts[index], None)
+                else:
+                    result.forecasts = forecasts[index]
         return results  # type: ignore[return-value]
+
+    async def _forecast_all(self, requests: list[ScoreRequest]) -> list[list[np.ndarray] | Refusal]:
+        """Per request, its forecasts (``ScoreRequest.forecasts``): one call of the entity
+        forecaster per fit named in the batch, whichever requests its windows came in; a request
+        whose forecasts failed gets a refusal to retry."""
+        out: list[list[np.ndarray] | Refusal] = [[np.full(len(r), np.nan, np.float32) for _ in r.forecasts] for r in requests]
+        parts: dict[str, list[tuple[int, int, np.ndarray]]] = {}  # model id -> (request, forecaster, rows)
+        for i, request in enumerate(requests):
+            for j, inputs in enumerate(request.forecasts):
+                ids = np.asarray(inputs.model_ids, dtype=object)
+                for model_id in np.unique(ids).tolist():
+                    if model_id:
+                        parts.setdefault(model_id, []).append((i, j, np.flatnonzero(ids == model_id)))
+        if not parts:
+            return out
+        if self._forecaster is None:
+            refusal = Refusal(400, "this app was deployed with detector.enabled = false: deploy it with the detector, or turn the stream's detector off too")
+            return [refusal if r.forecasts else o for r, o in zip(requests, out)]
+
+        async def call(model_id: str, where: list[tuple[int, int, np.ndarray]]) -> None:
+            windows = np.concatenate([requests[i].forecasts[j].windows[rows] for i, j, rows in where])
+            handle = sized(self._forecaster, windows.nbytes).options(multiplexed_model_id=model_id)
+            forecast = await asyncio.wait_for(call_with_retry(lambda: awaited(handle.forecast.remote(windows))), self._serving.request_timeout_s)
+            start = 0
+            for i, j, rows in where:
+                out[i][j][rows] = forecast[start : start + len(rows)]  # type: ignore[index]
+                start += len(rows)
+
+        outcomes = await asyncio.gather(*(call(model_id, where) for model_id, where in parts.items()), return_exceptions=True)
+        for (model_id, where), outcome in zip(parts.items(), outcomes):
+            if isinstance(outcome, BaseException):
+                log.warning("the entity forecaster failed on %s (%s: %s)", model_id, type(outcome).__name__, outcome)
+                for i, _, _ in where:
+                    out[i] = Refusal(503, f"the entity forecaster failed ({type(outcome).__name__}); retry", self._serving.retry_after_s)
+        return out
 
     def _checked(self, request: ScoreRequest) -> ScoreRequest | Refusal:
         """The request with windows in its tenant's models' input shape, or why it cannot be scored."""
@@ -420,6 +470,13 @@ class ModelRouter:
 
     def __del__(self) -> None:
         self._store.close()
+
+
+def _detector_only(request: ScoreRequest) -> ScoreResult:
+    """The result of a request whose tenant has no ensemble for its data: the stream's detector
+    (its forecasts, filled in later) is all that scores it."""
+    count = len(request)
+    return ScoreResult(prediction_ids(new_batch_id(), 0, count), np.zeros(count, np.float32), np.zeros(count, bool), {}, {})
 
 
 def _group_request(requests: list[ScoreRequest], ids: list[str]) -> ScoreRequest:

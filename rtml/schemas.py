@@ -167,9 +167,22 @@ class ScoreRequest:
     # False: the caller writes the predictions itself (stream consumers, which commit their offsets
     # only once their own write is durable), so the router does not.
     persist: bool = True
+    # The stream's per-entity detector: per forecaster, which network forecasts each window and
+    # from what (``ForecastInputs``); the router answers with the forecasts (``ScoreResult``).
+    forecasts: list[ForecastInputs] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.windows)
+
+
+@dataclass
+class ForecastInputs:
+    """One forecaster's inputs for a request's windows: per window the model id (the artifact URI)
+    of the per-entity network that forecasts it (``""``: none yet, it is still learning) and that
+    network's input, ``float32 [n, context]``."""
+
+    model_ids: list[str]
+    windows: np.ndarray
 
 
 @dataclass
@@ -182,6 +195,8 @@ class ScoreResult:
     scores: dict[str, np.ndarray]  # model key "name@version" -> float32 [n]
     model_versions: dict[str, str]  # model name -> version
     weights: dict[str, float] = field(default_factory=dict)  # model key -> ensemble weight used
+    # Per ForecastInputs of the request: float32 [n] forecasts (NaN where it named no model).
+    forecasts: list[np.ndarray] = field(default_factory=list)
 
 
 class Refusal(Exception):

@@ -152,6 +152,24 @@ class ModelSettings(BaseModel):
     anomaly_threshold: float = 0.5
 
 
+class DetectorSettings(BaseModel):
+    """The per-series anomaly detector on the stream (``models.detector``, ``streaming.detection``).
+
+    Each entity (``tenant/entity``) learns on its first ``learning_rows`` values (an entity named in
+    ``learning_rows_by_entity`` on its own count: ``rtml nab`` gives each file NAB's probationary
+    length), is refitted every ``refit_every`` values, and a value is anomalous when the detector's
+    score reaches ``threshold`` (or the tenant's ensemble's reaches ``models.anomaly_threshold``)."""
+
+    enabled: bool = True
+    learning_rows: int = Field(default=600, ge=2)
+    learning_rows_by_entity: dict[str, int] = Field(default_factory=dict)
+    refit_every: int = Field(default=500, ge=1)
+    threshold: float = Field(default=0.7, ge=0.0, le=1.0)
+    forecaster_replicas: int = 1
+    # A fit task's logical CPUs (fits run beside the app's replicas on small clusters).
+    fit_cpus: float = 0.5
+
+
 class ServingSettings(BaseModel):
     """The Ray Serve app (``deployments``): sizes, batching, back-pressure and ensemble learning."""
 
@@ -299,6 +317,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     streaming: StreamingSettings = StreamingSettings()
     models: ModelSettings = ModelSettings()
+    detector: DetectorSettings = DetectorSettings()
     serving: ServingSettings = ServingSettings()
     train: RayTrainSettings = RayTrainSettings()
     api: ApiSettings = ApiSettings()

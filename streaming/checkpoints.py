@@ -10,7 +10,8 @@ checkpoints, for lag and for tools; they are never ahead of them.
 One file per partition, replaced atomically and durably (on local disks a staging file is written
 and fsynced, renamed over the old one and the directory fsynced, so that a crash or a power cut
 leaves the old checkpoint or the new one, whole; on object stores a single-object put), holding the
-offset, the window state (Arrow IPC) and a fingerprint of the window and feature definitions: state
+offset, the window state and the per-entity detector's states (Arrow IPC) and a fingerprint of the
+window, feature and detector definitions: state
 built under other definitions is refused rather than silently mixed. A checkpoint that cannot be
 read (damaged on disk, or written by something else) is refused with the file's name and what to
 do; a partition without a checkpoint is rebuilt from the log's beginning where the log still holds
@@ -36,6 +37,9 @@ class Checkpoint:
     offset: int
     keys: pa.Table
     windows: pa.Table
+    # The per-entity detector's states (``streaming.detection``; None: no detector).
+    detector_inputs: pa.Table | None = None
+    detector_scoring: pa.Table | None = None
 
 
 class CheckpointStore:
@@ -63,7 +67,12 @@ class CheckpointStore:
             with self._fs.open_input_file(path) as handle:
                 row = pa.ipc.open_file(handle).read_all().to_pylist()[0]
             fingerprint = row["fingerprint"]
-            checkpoint = Checkpoint(row["offset"], from_ipc(row["keys"]), from_ipc(row["windows"]))
+            checkpoint = Checkpoint(
+                row["offset"],
+                from_ipc(row["keys"]),
+                from_ipc(row["windows"]),
+                *(from_ipc(row[name]) if row.get(name) else None for name in ("detector_inputs", "detector_scoring")),
+            )
         except (pa.ArrowException, IndexError, KeyError, TypeError) as error:
             raise RtmlError(
                 f"the checkpoint of partition {partition} ({path}) is unreadable ({type(error).__name__}: {error}). "
@@ -86,6 +95,10 @@ class CheckpointStore:
                 "fingerprint": pa.array([self.fingerprint]),
                 "keys": pa.array([to_ipc(checkpoint.keys)], pa.binary()),
                 "windows": pa.array([to_ipc(checkpoint.windows)], pa.binary()),
+                **{
+                    name: pa.array([to_ipc(table) if table is not None else b""], pa.binary())
+                    for name, table in (("detector_inputs", checkpoint.detector_inputs), ("detector_scoring", checkpoint.detector_scoring))
+                },
             }
         )
         data = pa.BufferOutputStream()

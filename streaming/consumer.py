@@ -8,11 +8,14 @@ batches are being scored and up to ``streaming.max_in_flight_events`` events wai
 for durability, the consumer reads on; beyond either limit it stops reading until the oldest work is
 done (back-pressure: a slow lakehouse or model slows the consumer, nothing piles up). So a batch
 never waits for the previous batch's scores, and while the models are busy the next batch grows
-with the events that arrive meanwhile (the batch size follows the offered rate). Windows are
-computed in arrival order before a batch is sent. A batch is handed to the sink as soon as its
-scores are back, so batches may be handed over out of order (the dead-letter sinks keep each
-letter once whatever the order); they settle in order: only once a batch and every batch read
-before it are durable is a partition checkpointed behind them.
+with the events that arrive meanwhile (the batch size follows the offered rate). Windows and the
+per-entity detector's inputs (``streaming.detection``) are computed in arrival order before a
+batch is sent; the detector's fits that became due are Ray tasks, which the batch's scoring call
+waits for. Batches are handed to the sink in the order they were read, each once its scores are
+back: the detector turns the forecasts into scores there, and its scoring state must see the
+rows in order. Only once a batch and every batch read before it are durable is a partition
+checkpointed behind them, with the window state and the detector's input state as of the batch's
+read and its scoring state as of its hand-over.
 
 End: a consumer given targets (``finish_at``) or told to read to the current ends stops there.
 Only a stream that has really ended (a finite source, such as a replay file, read to its end)
@@ -44,7 +47,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,11 +62,12 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_de
 
 from observability import metrics
 from rtml.errors import RtmlError
-from rtml.schemas import Refusal, ScoreRequest, ScoreResult, prediction_table
+from rtml.schemas import ForecastInputs, Refusal, ScoreRequest, ScoreResult, prediction_table
 from rtml.settings import Settings
 from streaming.arrow_ipc import to_ipc
 from streaming.checkpoints import Checkpoint, CheckpointStore
 from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
+from streaming.detection import DETECTOR_MEMBER, DetectionBatch, EntityDetectors, detector_fingerprint, submit_fit
 from streaming.failures import JudgedFailure, describe, passes_later
 from streaming.features import feature_rows, feature_set_version, window_spec
 from streaming.files import storage_dir
@@ -118,9 +122,10 @@ def open_dead_letters(spec: ConsumerSpec) -> DeadLetterSink:
 
 @dataclass
 class _Scores:
-    predictions: list[pa.Table]  # rows of the scored requests
+    answered: list[tuple[ScoreRequest, np.ndarray, ScoreResult]]  # scored requests, their rows in the batch
     refused: list[DeadLetter]  # events of the requests refused for good
     seconds: float  # the round trip
+    scored_at: float = 0.0
 
 
 @dataclass
@@ -134,6 +139,9 @@ class _Pending:
     positions: dict[int, int]  # read positions of the touched partitions after this batch
     state: dict[int, tuple[pa.Table, pa.Table]]  # their window state after this batch
     available_at: np.ndarray  # of the events it scored
+    detection: DetectionBatch | None = None  # the detector's inputs for its metric events
+    detector_inputs: dict[int, pa.Table] = field(default_factory=dict)  # input states after this batch
+    detector_scoring: dict[int, pa.Table] = field(default_factory=dict)  # scoring states after its hand-over
     write: ray.ObjectRef | None = None  # once handed to the sink
 
 
@@ -175,8 +183,12 @@ class StreamConsumer:
         self._checkpoints = CheckpointStore(
             storage_dir(self._streaming.checkpoint_dir, settings, "checkpoints"),
             spec.group,
-            f"{self._feature_set}:history={self._window_spec.history}",
+            f"{self._feature_set}:history={self._window_spec.history}:{detector_fingerprint(settings)}",
         )
+        self._detectors = EntityDetectors(settings) if settings.detector.enabled else None
+        self._detector_threshold = settings.detector.threshold
+        # Fit tasks by model id, while a later fit or a batch may still need to wait for them.
+        self._fits: dict[str, ray.ObjectRef] = {}
         self._dead_letters = open_dead_letters(spec)
         self._source = open_source(spec)
         self._scoring = ThreadPoolExecutor(self._streaming.scoring_batches_in_flight, thread_name_prefix="scoring")
@@ -319,6 +331,9 @@ class StreamConsumer:
             if checkpoint is not None:
                 parts[i] = (checkpoint.keys, checkpoint.windows)
                 positions[i] = checkpoint.offset
+            if self._detectors is not None:
+                found = checkpoint is not None
+                self._detectors.restore(i, checkpoint.detector_inputs if found else None, checkpoint.detector_scoring if found else None)
         beginnings = self._beginnings([i for i in range(len(self._source.partitions)) if i not in positions])
         self._state = WindowState.from_arrow(self._window_spec, parts)
         self._source.seek(positions)
@@ -372,10 +387,16 @@ class StreamConsumer:
                 metric_events.keys, metric_events.event_time_us, metric_events.value, metric_events.partition, metric_events.subject
             )
             scored_events = metric_events.take(windowed.accepted)
-            requests = _window_batches(scored_events, windowed.model_windows, "metric") + _image_batches(routed)
-            scoring = self._scoring.submit(self._score, requests) if requests else _done(_Scores([], [], 0.0))
+            detection = None
+            if self._detectors is not None and len(scored_events):
+                detection = self._detectors.advance(scored_events.keys, scored_events.value, scored_events.partition)
+            fits = self._start_fits(detection)
+            requests = _window_batches(scored_events, windowed.model_windows, "metric", detection) + _image_batches(routed)
+            scoring = self._scoring.submit(self._score, requests, fits) if requests else _done(_Scores([], [], 0.0))
             tables = {"events": routed.landed.events_table(), "features": feature_rows(windowed.closed, self._feature_set)}
-            self._submit(scoring, tables, _dead_letters(routed, self._source.partitions), len(batch), batch.next_positions(), scored_events.available_at)
+            self._submit(
+                scoring, tables, _dead_letters(routed, self._source.partitions), len(batch), batch.next_positions(), scored_events.available_at, detection
+            )
         self._count(
             read=len(batch),
             batches=1,
@@ -385,13 +406,28 @@ class StreamConsumer:
             feature_windows=len(windowed.closed),
         )
 
-    def _score(self, requests: list[tuple[ScoreRequest, EventColumns]]) -> _Scores:
-        """Prediction rows of the scored requests, and dead letters for those refused for good.
-        Failures that may pass later (refusals for now (5xx), a service away, timeouts,
-        back-pressure) are retried for up to give_up_after_s; others raise at once (``_CallFailed``).
-        Runs in a scoring thread."""
+    def _start_fits(self, detection: DetectionBatch | None) -> list[ray.ObjectRef]:
+        """Submit the fits that became due (each after the previous fit of its forecaster); the
+        fit tasks the batch's rows are forecast by, for its scoring call to wait for."""
+        if detection is None:
+            return []
+        for fit in detection.fits:
+            previous = self._fits.get(fit.previous_model_id, fit.previous_model_id)
+            self._fits[fit.model_id] = submit_fit(self.spec.settings, self._detectors.config, fit, previous)
+        named = {model_id for inputs in detection.forecast_inputs for model_id in dict.fromkeys(inputs.model_ids) if model_id}
+        return [self._fits[model_id] for model_id in named if model_id in self._fits]
+
+    def _score(self, requests: list[tuple[ScoreRequest, EventColumns, np.ndarray]], fits: list[ray.ObjectRef] = ()) -> _Scores:
+        """The answers to the scored requests, and dead letters for those refused for good, once
+        the fits their rows are forecast by are written. Failures that may pass later (refusals for
+        now (5xx), a service away, timeouts, back-pressure) are retried for up to give_up_after_s;
+        others raise at once (``_CallFailed``). Runs in a scoring thread."""
         started, since = time.perf_counter(), time.time()
         answers: list[ScoreResult | Refusal | None] = [None] * len(requests)
+        try:
+            ray.get(list(fits))
+        except Exception as error:
+            raise _CallFailed("scoring", error, since) from error
         retrying = Retrying(
             retry=retry_if_exception(passes_later),
             stop=stop_after_delay(self._streaming.give_up_after_s),
@@ -412,30 +448,40 @@ class StreamConsumer:
         except Exception as error:
             raise _CallFailed("scoring", error, since) from error
         scored_at = time.time()
-        tables, refused = [], []
+        answered, refused = [], []
         histogram = metrics.EVENT_TO_PREDICTION.labels(**self._labels)
-        for (request, events), answer in zip(requests, answers):
+        for (request, events, rows), answer in zip(requests, answers):
             if isinstance(answer, ScoreResult):
-                tables.append(prediction_table(request, answer, scored_at))
+                answered.append((request, rows, answer))
                 for latency in (scored_at - request.available_at).tolist():
                     histogram.observe(latency)
             else:
                 refused.extend(_refused_letters(events, answer, self._source.partitions))
-        return _Scores(tables, refused, time.perf_counter() - started)
+        return _Scores(answered, refused, time.perf_counter() - started, scored_at)
 
     def _submit(
-        self, scoring: Future, tables: dict[str, pa.Table], letters: list[DeadLetter], records: int, positions: dict[int, int], available_at: np.ndarray
+        self,
+        scoring: Future,
+        tables: dict[str, pa.Table],
+        letters: list[DeadLetter],
+        records: int,
+        positions: dict[int, int],
+        available_at: np.ndarray,
+        detection: DetectionBatch | None = None,
     ) -> None:
         self._read.update(positions)
         state = {partition: self._state.to_arrow(partition) for partition in positions}
-        self._in_flight.append(_Pending(scoring, tables, letters, records, positions, state, available_at))
+        pending = _Pending(scoring, tables, letters, records, positions, state, available_at, detection)
+        if self._detectors is not None:
+            pending.detector_inputs = {partition: self._detectors.inputs_to_arrow(partition) for partition in positions}
+        self._in_flight.append(pending)
         self._in_flight_events += records
 
     def _wait_for_room(self) -> None:
         """Back-pressure: return once another batch may be read and sent for scoring."""
         scoring = [pending.scoring for pending in self._in_flight if pending.write is None]
         if len(scoring) >= self._streaming.scoring_batches_in_flight:
-            wait_for_futures(scoring, return_when=FIRST_COMPLETED)
+            wait_for_futures(scoring[:1])  # batches are handed over in read order: the oldest first
         if self._in_flight_events >= self._streaming.max_in_flight_events:
             self._wait_for_oldest()
 
@@ -448,24 +494,51 @@ class StreamConsumer:
         ray.wait([head.write], timeout=None)
 
     def _hand_over(self, pending: _Pending) -> None:
-        """Send a scored batch's rows to the sink (and its dead letters to theirs)."""
+        """Send a scored batch's rows to the sink (and its dead letters to theirs); batches in the
+        order they were read."""
         with self._timed("hand_over"):
             scores: _Scores = pending.scoring.result()  # scoring that failed for good raises here (_CallFailed), ending the run
             letters = sorted(pending.letters + scores.refused, key=lambda letter: (letter.partition, letter.offset))
             if letters:
                 self._dead_letters.write(letters)
-            tables = {**pending.tables, "predictions": pa.concat_tables(scores.predictions) if scores.predictions else None}
+            if pending.detection is not None:
+                self._add_detector_scores(pending.detection, scores.answered)
+            if self._detectors is not None:
+                pending.detector_scoring = {partition: self._detectors.scoring_to_arrow(partition) for partition in pending.positions}
+            predictions = [prediction_table(request, result, scores.scored_at) for request, _, result in scores.answered]
+            tables = {**pending.tables, "predictions": pa.concat_tables(predictions) if predictions else None}
             pending.write = self._sink.write.remote({name: to_ipc(rows) for name, rows in tables.items() if rows is not None})
         self._counts.seconds["score"] = self._counts.seconds.get("score", 0.0) + scores.seconds
-        if scores.predictions or scores.refused:
+        if scores.answered or scores.refused:
             self._counts.scoring_round_trip_s.append(scores.seconds)
-        self._count(scored=sum(table.num_rows for table in scores.predictions), unscored=len(scores.refused), dead_letters=len(letters))
+        self._count(scored=sum(len(request) for request, _, _ in scores.answered), unscored=len(scores.refused), dead_letters=len(letters))
+        if pending.detection is not None:
+            for fit in pending.detection.fits:  # written: later fits and batches read them from disk
+                self._fits.pop(fit.model_id, None)
+
+    def _add_detector_scores(self, detection: DetectionBatch, answered: list[tuple[ScoreRequest, np.ndarray, ScoreResult]]) -> None:
+        """Turn the forecasts of a batch's metric rows into the detector's scores (rows refused
+        for good were not forecast: NaN), and add them to the answers: a member ``detector`` of
+        each row's scores, and the decision (anomalous when either the tenant's ensemble or the
+        detector says so)."""
+        forecasts = [np.full(len(inputs.model_ids), np.nan, np.float32) for inputs in detection.forecast_inputs]
+        metric = [(request, rows, result) for request, rows, result in answered if request.data_type == "metric"]
+        for _, rows, result in metric:
+            for j, forecast in enumerate(result.forecasts):
+                forecasts[j][rows] = forecast
+        scores = self._detectors.score(detection, forecasts)
+        for _, rows, result in metric:
+            detector = scores[rows]
+            result.scores = {**result.scores, DETECTOR_MEMBER: detector}
+            result.is_anomaly = np.asarray(result.is_anomaly, bool) | (detector >= self._detector_threshold)
 
     def _settle(self) -> None:
         """Hand over every scored batch, and checkpoint behind every batch whose rows are durable,
         oldest first."""
         for pending in self._in_flight:
-            if pending.write is None and pending.scoring.done():
+            if pending.write is None:
+                if not pending.scoring.done():
+                    break  # later batches wait: they are handed over in read order
                 self._hand_over(pending)
         settled: list[_Pending] = []
         while self._in_flight and self._in_flight[0].write is not None:
@@ -487,13 +560,15 @@ class StreamConsumer:
 
     def _checkpoint(self, settled: list[_Pending]) -> None:
         now = time.time()
-        latest: dict[int, tuple[int, tuple[pa.Table, pa.Table]]] = {}
+        latest: dict[int, tuple[int, _Pending]] = {}
         for pending in settled:
             for partition, position in pending.positions.items():
-                latest[partition] = (position, pending.state[partition])
+                latest[partition] = (position, pending)
             self._counts.durable_latency_s.extend((now - pending.available_at).tolist())
-        for partition, (position, (keys, windows)) in latest.items():
-            self._checkpoints.save(self._source.partitions[partition], Checkpoint(position, keys, windows))
+        for partition, (position, pending) in latest.items():
+            keys, windows = pending.state[partition]
+            checkpoint = Checkpoint(position, keys, windows, pending.detector_inputs.get(partition), pending.detector_scoring.get(partition))
+            self._checkpoints.save(self._source.partitions[partition], checkpoint)
             self._durable[partition] = position
         self._failing_since = None
         try:
@@ -580,12 +655,18 @@ def _done(scores: _Scores) -> Future:
     return done
 
 
-def _window_batches(events: EventColumns, windows: np.ndarray, data_type: str) -> list[tuple[ScoreRequest, EventColumns]]:
-    """One request per tenant (in arrival order within each), with the events it is made of."""
+def _window_batches(
+    events: EventColumns, windows: np.ndarray, data_type: str, detection: DetectionBatch | None = None
+) -> list[tuple[ScoreRequest, EventColumns, np.ndarray]]:
+    """One request per tenant (in arrival order within each), with the events it is made of and
+    their rows in ``events``; with the detector's forecast inputs of those rows."""
     batches = []
     for tenant in dict.fromkeys(events.tenant.tolist()):
         rows = np.flatnonzero(events.tenant == tenant)
         part = events.take(rows)
+        forecasts = [
+            ForecastInputs(np.asarray(inputs.model_ids, dtype=object)[rows].tolist(), inputs.windows[rows]) for inputs in detection.forecast_inputs
+        ] if detection is not None else []
         request = ScoreRequest(
             tenant=tenant,
             data_type=data_type,
@@ -596,12 +677,13 @@ def _window_batches(events: EventColumns, windows: np.ndarray, data_type: str) -
             subjects=part.subject.tolist(),
             available_at=part.available_at,
             persist=False,  # the consumer writes its predictions itself, then checkpoints
+            forecasts=forecasts,
         )
-        batches.append((request, part))
+        batches.append((request, part, rows))
     return batches
 
 
-def _image_batches(routed: RoutedBatch) -> list[tuple[ScoreRequest, EventColumns]]:
+def _image_batches(routed: RoutedBatch) -> list[tuple[ScoreRequest, EventColumns, np.ndarray]]:
     frames = routed.frames
     if not len(frames):
         return []

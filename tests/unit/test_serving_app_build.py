@@ -15,7 +15,7 @@ def deployments_of(settings: dict) -> dict:
 
 def test_one_scorer_deployment_per_configured_kind_behind_the_router():
     deployments = deployments_of({"serving": {"model_kinds": ["rnn", "cnn"], "model_replicas": 2}})
-    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn"}
+    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn", "EntityForecaster"}
     assert deployments["ModelScorer_rnn"].num_replicas == 2
     assert deployments["ModelRouter"].user_config == {"generation": 0, "rollouts": []}
     assert deployments["Ingress"].max_queued_requests == 1024
@@ -23,7 +23,12 @@ def test_one_scorer_deployment_per_configured_kind_behind_the_router():
 
 def test_the_apps_stream_is_left_out_when_something_else_consumes_the_log():
     deployments = deployments_of({"serving": {"model_kinds": ["rnn"], "run_stream": False}})
-    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "ModelScorer_rnn"}
+    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "ModelScorer_rnn", "EntityForecaster"}
+
+
+def test_the_entity_forecaster_is_left_out_without_the_detector():
+    deployments = deployments_of({"serving": {"model_kinds": ["rnn"]}, "detector": {"enabled": False}})
+    assert "EntityForecaster" not in deployments
 
 
 @pytest.mark.parametrize(("use_gpu", "gpus"), [("always", 0.25), ("never", None), ("auto", None)])
@@ -33,6 +38,7 @@ def test_model_replicas_ask_for_a_gpu_fraction_only_when_told_or_the_cluster_has
     options = deployments["ModelScorer_rnn"].ray_actor_options
     assert options.get("num_gpus") == gpus
     assert options["num_cpus"] == 0.2
+    assert deployments["EntityForecaster"].ray_actor_options.get("num_gpus") == gpus
     assert "num_gpus" not in deployments["ModelRouter"].ray_actor_options
 
 

@@ -1,6 +1,6 @@
 """One StreamConsumer over a small replay file, in this process, with a deterministic scoring
 client and a small in-memory sink actor (idempotent by key, as the lakehouse is) on the session's
-Ray cluster: the hand-over of batches whose scoring finishes out of order, and what the consumer
+Ray cluster: the hand-over of batches whose scoring finishes out of order (in read order), and what the consumer
 does when scoring or writes fail (retry what can pass later, for a bounded time; stop with a
 clear error and a metric otherwise)."""
 
@@ -74,6 +74,7 @@ class KeyedSink:
     def __init__(self, failures: list[BaseException | None] | None = None, always: BaseException | None = None):
         self.rows: dict[str, dict[tuple, dict]] = {name: {} for name in self.KEYS}
         self.writes = 0
+        self.prediction_writes: list[list[str]] = []  # the event ids of each write's predictions
         self._failures = list(failures or [])
         self._always = always
 
@@ -83,6 +84,8 @@ class KeyedSink:
             raise self._always
         if self.writes <= len(self._failures) and self._failures[self.writes - 1] is not None:
             raise self._failures[self.writes - 1]
+        if "predictions" in tables:
+            self.prediction_writes.append(from_ipc(tables["predictions"]).column("event_id").to_pylist())
         for name, data in tables.items():
             for row in from_ipc(data).to_pylist():
                 self.rows[name].setdefault(tuple(row[k] for k in self.KEYS[name]), row)
@@ -93,6 +96,9 @@ class KeyedSink:
 
     def write_count(self) -> int:
         return self.writes
+
+    def predictions_in_write_order(self) -> list[list[str]]:
+        return self.prediction_writes
 
 
 def _event(i: int, tenant: str = "acme") -> bytes:
@@ -132,9 +138,10 @@ def _failures(group: str) -> dict[tuple[str, str], float]:
     return found
 
 
-def test_dead_letters_of_batches_handed_over_out_of_order_are_each_stored_once(ray_cluster, tmp_path):
-    """Batch N's scoring is held until batch N+1 has been scored and handed over (its dead letter
-    stored); then N's letters, read earlier but handed over later, must be stored too."""
+def test_a_batch_scored_first_is_handed_over_after_the_batch_read_before_it(ray_cluster, tmp_path):
+    """Batch N's scoring is held until batch N+1 has been scored; N+1 must wait for N (the
+    detector's scoring state takes batches in read order), and then each batch's rows and dead
+    letters are stored once."""
     release = threading.Event()
     client = DeterministicClient(hold_first=release)
     sink = KeyedSink.remote()
@@ -149,10 +156,11 @@ def test_dead_letters_of_batches_handed_over_out_of_order_are_each_stored_once(r
     running.start()
     try:
         deadline = time.monotonic() + 60
-        while not any(letter["offset"] == 8 for letter in letters.read()):
-            assert time.monotonic() < deadline, "batch N+1 was never handed over while batch N was being scored"
+        while client.calls < 2:
+            assert time.monotonic() < deadline, "batch N+1 was never sent for scoring while batch N was being scored"
             time.sleep(0.02)
-        assert client.calls == 2, "batch N's scoring finished before batch N+1 was handed over"
+        time.sleep(0.5)  # time enough for a hand-over out of order to happen
+        assert ray.get(sink.write_count.remote()) == 0 and not letters.read(), "batch N+1 was handed over before batch N"
     finally:
         release.set()
         running.join(60)
@@ -161,6 +169,7 @@ def test_dead_letters_of_batches_handed_over_out_of_order_are_each_stored_once(r
     stored = sorted(letter["offset"] for letter in FileDeadLetters(letters.directory).read())
     assert stored == [2, 4, 8]
     assert outcome[0]["dead_letters"] == 3
+    assert ray.get(sink.predictions_in_write_order.remote())[:2] == [["e0", "e1", "e3", "e5"], ["e6", "e7", "e9", "e10", "e11"]]
     assert ray.get(sink.keys.remote("predictions")) == sorted((f"e{i}",) for i in (0, 1, 3, 5, 6, 7, 9, 10, 11))
 
 
