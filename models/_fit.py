@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 # Inference always runs in batches of exactly this size (the last one padded): torch's CPU kernels
-# may round differently for different batch sizes, and a window's forecast must not depend on how
-# many other windows were scored with it (the detector's causality rests on that).
-INFERENCE_BATCH = 1024
+# may round differently for different batch sizes (a batch of 1 or 7 does), and a window's forecast
+# must not depend on how many other windows were scored with it (the detector's causality and its
+# stream/offline equality rest on that). Small, because the stream forecasts each entity's few new
+# windows per batch: the padding of every call is work thrown away.
+INFERENCE_BATCH = 32
 
 
 def resolve_device(device: str) -> str:

@@ -1,5 +1,7 @@
-"""The models' commands: `rtml nab` (run the detector over a NAB corpus), `rtml nab score`, and
-`rtml train`. Heavy imports stay inside the functions so that `rtml --help` is instant."""
+"""The models' commands: `rtml nab score`, `rtml nab --offline` (the detector over a NAB corpus in
+this process, without the stream) and `rtml train`; `rtml nab` itself runs the stream and lives
+with the commands that wire the stream to the Serve app (``deployments.cli``). Heavy imports stay
+inside the functions so that `rtml --help` is instant."""
 
 from __future__ import annotations
 
@@ -11,26 +13,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-nab_app = typer.Typer(
-    help="Run the anomaly detector over a NAB corpus (`rtml nab --data D --out O`), and score results "
-    "(`rtml nab score --results O --labels W.json`).",
-    invoke_without_command=True,
-)
-
-
-@nab_app.callback()
-def nab(
-    ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, help="NAB data directory: <category>/<name>.csv with timestamp,value."),
-    out: Optional[Path] = typer.Option(None, help="Where to write <category>/<name>.csv with anomaly_score."),
-    workers: int = typer.Option(0, help="Parallel series (Ray tasks); 0 = one per free core."),
-    seed: int = typer.Option(0, help="Seed of the forecasters' training (the figures in RESULTS.md name theirs)."),
-) -> None:
-    """Run the streaming detector causally over every series of a NAB-layout directory."""
-    if ctx.invoked_subcommand is not None:
-        return
-    if data is None or out is None:
-        raise typer.BadParameter("give both --data DIR and --out DIR (or a subcommand: `rtml nab score`)")
+def nab_offline(data: Path, out: Path, workers: int, seed: int) -> None:
+    """The detector over every series of a NAB-layout directory, in this process (Ray tasks)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models.detector import DetectorConfig
@@ -41,12 +25,11 @@ def nab(
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
     ) as progress:
-        task = progress.add_task("detecting", total=total)
+        task = progress.add_task("detecting (offline)", total=total)
         run_corpus(data, out, config=DetectorConfig(seed=seed), workers=workers or None, on_done=lambda name: progress.advance(task))
     Console().print(f"wrote {total} result files to {out} in {time.perf_counter() - started:.0f} s")
 
 
-@nab_app.command("score")
 def nab_score(
     results: Path = typer.Option(..., help="Directory written by `rtml nab --out`."),
     labels: Path = typer.Option(..., help="NAB label windows JSON (combined_windows.json)."),

@@ -16,10 +16,9 @@ from rich.console import Console
 from api.cli import app as api_app
 from api.cli import query
 from cluster.cli import app as services_app
-from deployments.cli import demo, up
+from deployments.cli import demo, nab_app, up
 from lakehouse.cli import app as lakehouse_app
 from lakehouse.cli import erase
-from models.cli import nab_app
 from models.cli import train as train_command
 from rtml.errors import RtmlError
 

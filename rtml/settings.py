@@ -165,9 +165,10 @@ class DetectorSettings(BaseModel):
     learning_rows_by_entity: dict[str, int] = Field(default_factory=dict)
     refit_every: int = Field(default=500, ge=1)
     threshold: float = Field(default=0.7, ge=0.0, le=1.0)
+    seed: int = 0  # of the forecasters' training
     forecaster_replicas: int = 1
-    # A fit task's logical CPUs (fits run beside the app's replicas on small clusters).
-    fit_cpus: float = 0.5
+    # Logical CPUs of each consumer's fit worker (it runs beside the app's replicas on small clusters).
+    fit_cpus: float = 0.25
 
 
 class ServingSettings(BaseModel):

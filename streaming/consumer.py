@@ -67,7 +67,7 @@ from rtml.settings import Settings
 from streaming.arrow_ipc import to_ipc
 from streaming.checkpoints import Checkpoint, CheckpointStore
 from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
-from streaming.detection import DETECTOR_MEMBER, DetectionBatch, EntityDetectors, detector_fingerprint, submit_fit
+from streaming.detection import DETECTOR_MEMBER, DetectionBatch, EntityDetectors, detector_fingerprint, start_fitter
 from streaming.failures import JudgedFailure, describe, passes_later
 from streaming.features import feature_rows, feature_set_version, window_spec
 from streaming.files import storage_dir
@@ -171,7 +171,7 @@ class StreamConsumer:
     """Run as a Ray actor with ``max_concurrency > 1``: ``run`` occupies one thread, ``stats``,
     ``progress`` and ``finish_at`` answer from the others."""
 
-    def __init__(self, spec: ConsumerSpec, client: EnsembleClient, sink: ray.actor.ActorHandle):
+    def __init__(self, spec: ConsumerSpec, client: EnsembleClient, sink: ray.actor.ActorHandle, fitter: ray.actor.ActorHandle | None = None):
         settings = spec.settings
         self.spec = spec
         self._streaming = settings.streaming
@@ -185,9 +185,11 @@ class StreamConsumer:
             spec.group,
             f"{self._feature_set}:history={self._window_spec.history}:{detector_fingerprint(settings)}",
         )
-        self._detectors = EntityDetectors(settings) if settings.detector.enabled else None
+        self._detectors = EntityDetectors(settings, spec.group) if settings.detector.enabled else None
         self._detector_threshold = settings.detector.threshold
-        # Fit tasks by model id, while a later fit or a batch may still need to wait for them.
+        # The detector's fits run there (``streaming.detection``; started on first use if not
+        # given); their tasks by model id, while a batch may still need to wait for them.
+        self._fitter = fitter
         self._fits: dict[str, ray.ObjectRef] = {}
         self._dead_letters = open_dead_letters(spec)
         self._source = open_source(spec)
@@ -407,13 +409,14 @@ class StreamConsumer:
         )
 
     def _start_fits(self, detection: DetectionBatch | None) -> list[ray.ObjectRef]:
-        """Submit the fits that became due (each after the previous fit of its forecaster); the
-        fit tasks the batch's rows are forecast by, for its scoring call to wait for."""
+        """Send the fits that became due to the fitter (which runs them in order); the fit tasks
+        the batch's rows are forecast by, for its scoring call to wait for."""
         if detection is None:
             return []
+        if detection.fits and self._fitter is None:
+            self._fitter = start_fitter(self.spec.settings)
         for fit in detection.fits:
-            previous = self._fits.get(fit.previous_model_id, fit.previous_model_id)
-            self._fits[fit.model_id] = submit_fit(self.spec.settings, self._detectors.config, fit, previous)
+            self._fits[fit.model_id] = self._fitter.fit.remote(self.spec.settings, self._detectors.config, fit)
         named = {model_id for inputs in detection.forecast_inputs for model_id in dict.fromkeys(inputs.model_ids) if model_id}
         return [self._fits[model_id] for model_id in named if model_id in self._fits]
 

@@ -2,11 +2,13 @@
 
 1. a fresh demo home (``<home>/demo``: its own lakehouse, checkpoints and dead letters);
 2. per tenant, a CNN and an RNN forecaster trained on the clean first hours of its sensors,
-   registered and promoted in the lakehouse registry;
+   registered and promoted in the lakehouse registry; and per sensor the stream's detector, which
+   learns on the same first hours (``detector.learning_rows``) and refits itself as it goes;
 3. the Serve app (the caller's ``start_scoring`` deploys it and returns the client to its router);
 4. the replay, from the file or (``kafka=True``) produced into a real broker as it goes, through
    the consumer actors, with a progress bar;
-5. the summary: events, predictions, injected anomalies found, event-to-prediction latency and
+5. the summary: events, predictions, injected anomalies found (by the detector, by the tenant
+   ensembles, by either: a reading is flagged when either says so), event-to-prediction latency and
    where the data lives (the caller then asks the app's GraphQL API, ``while_serving``).
 """
 
@@ -24,6 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,7 +35,8 @@ from rich.table import Table
 from rtml.errors import RtmlError
 from rtml.schemas import ModelVersion
 from rtml.settings import Settings
-from streaming.data.generate import EVENTS_FILE, TRUTH_FILE
+from streaming.data.generate import EVENTS_FILE, STEP_SECONDS, TRAINING_HOURS, TRUTH_FILE
+from streaming.detection import DETECTOR_MEMBER
 from streaming.features import feature_set_version, window_spec
 from streaming.pipeline import Pipeline, Progress as PipelineProgress
 from streaming.scoring import EnsembleClient, warm_up
@@ -56,6 +60,7 @@ class DemoResult:
     distinct_predicted_events: int
     flagged: int
     found: dict[str, tuple[int, int]]  # anomaly kind -> (found, injected)
+    found_by: dict[str, int]  # "detector" / "ensemble" -> injected anomalies each found
     false_alarms: int
     latency_ms: dict[int, float]
     stats: list[dict]
@@ -81,6 +86,8 @@ def demo_settings(settings: Settings, kafka: bool, speed: float, run_id: str) ->
     serving = settings.serving.model_copy(
         update={"persist_predictions": False, "run_stream": False, "model_kinds": DEMO_KINDS, "http_port": _free_port()}
     )
+    # Each sensor's detector learns on the clean hours the tenant models are trained on.
+    detector = settings.detector.model_copy(update={"enabled": True, "learning_rows": int(TRAINING_HOURS * 3600 / STEP_SECONDS)})
     return settings.model_copy(
         update={
             "home": home,
@@ -88,6 +95,7 @@ def demo_settings(settings: Settings, kafka: bool, speed: float, run_id: str) ->
             "streaming": streaming,
             "kafka": kafka_settings,
             "serving": serving,
+            "detector": detector,
         }
     )
 
@@ -240,8 +248,10 @@ def _replay(demo: Settings, client, console: Console, truth: dict, models, kafka
 
 def summarize(lake, settings: Settings, truth: dict, stats: list[dict], models, elapsed_s: float) -> DemoResult:
     tenants = sorted({sensor["tenant"] for sensor in truth["sensors"]})
-    rows = [lake.read("predictions", tenant=t, columns=("event_id", "entity", "event_time", "is_anomaly", "latency_ms")) for t in tenants]
+    columns = ("event_id", "entity", "event_time", "is_anomaly", "scores", "ensemble_score", "latency_ms")
+    rows = [lake.read("predictions", tenant=t, columns=columns) for t in tenants]
     found: dict[str, list[int]] = {}
+    found_by = {"detector": 0, "ensemble": 0}
     flagged_total, matched_flags, predictions, distinct = 0, 0, 0, 0
     latencies = []
     for tenant, table in zip(tenants, rows):
@@ -251,6 +261,9 @@ def summarize(lake, settings: Settings, truth: dict, stats: list[dict], models, 
         flagged = table.filter(table["is_anomaly"])
         flagged_total += flagged.num_rows
         flags = list(zip(flagged["entity"].to_pylist(), flagged["event_time"].to_pylist()))
+        member = pa.scalar(DETECTOR_MEMBER, flagged.schema.field("scores").type.key_type)
+        by_detector = (pc.fill_null(pc.map_lookup(flagged["scores"], member, "first"), 0.0).to_numpy() >= settings.detector.threshold).tolist()
+        by_ensemble = (flagged["ensemble_score"].to_numpy() >= settings.models.anomaly_threshold).tolist()
         explained = set()
         for anomaly in (a for a in truth["anomalies"] if a["tenant"] == tenant):
             start = datetime.fromisoformat(anomaly["start"])
@@ -260,6 +273,8 @@ def summarize(lake, settings: Settings, truth: dict, stats: list[dict], models, 
             tally = found.setdefault(anomaly["kind"], [0, 0])
             tally[0] += bool(hits)
             tally[1] += 1
+            found_by["detector"] += any(by_detector[i] for i in hits)
+            found_by["ensemble"] += any(by_ensemble[i] for i in hits)
         matched_flags += len(explained)
     latency = np.concatenate(latencies) if latencies else np.empty(0)
     return DemoResult(
@@ -270,6 +285,7 @@ def summarize(lake, settings: Settings, truth: dict, stats: list[dict], models, 
         distinct_predicted_events=distinct,
         flagged=flagged_total,
         found={kind: (a, b) for kind, (a, b) in sorted(found.items())},
+        found_by=found_by,
         false_alarms=flagged_total - matched_flags,
         latency_ms={q: float(np.percentile(latency, q)) for q in (50, 99)} if len(latency) else {},
         stats=stats,
@@ -291,7 +307,8 @@ def print_summary(result: DemoResult, truth: dict, console: Console) -> None:
         "anomalies found",
         f"[bold]{found} of {injected} injected[/] ("
         + ", ".join(f"{kind} {a}/{b}" for kind, (a, b) in result.found.items())
-        + f"); {result.flagged} readings flagged, {result.false_alarms} of them outside every injected anomaly",
+        + f"); by the stream's per-sensor detector {result.found_by['detector']}, by the tenant ensembles {result.found_by['ensemble']}; "
+        + f"{result.flagged} readings flagged, {result.false_alarms} of them outside every injected anomaly",
     )
     latency = result.latency_ms
     table.add_row("event -> prediction", f"p50 {latency.get(50, float('nan')):.0f} ms, p99 {latency.get(99, float('nan')):.0f} ms")

@@ -1,6 +1,6 @@
 """The stream's per-entity anomaly detector (``models.detector``), kept beside the window state.
 
-    detectors = EntityDetectors(settings)
+    detectors = EntityDetectors(settings, group)
     batch = detectors.advance(events)          # read time, arrival order: inputs, fits that are due
     ... the fits run as Ray tasks (``submit_fit``); the ModelRouter forecasts each row with its
         entity's network (``batch.forecast_inputs``, per request rows) ...
@@ -13,11 +13,15 @@ as of the batch's read position, the scoring state as of its hand-over), so a co
 from a checkpoint advances both from exactly where the rows it re-reads left them: the same scores
 as a run that never stopped (``models.detector`` computes every score from fixed windows of values).
 
-Fits. Fit ``k`` of an entity's forecaster becomes due with the first value it forecasts; it is a Ray
-task (``fit_entity_forecaster``) that trains from fit ``k - 1`` (warm start), writes the network
-to a path made of what it is (tenant, entity, forecaster, ``k``: ``fit_uri``), which is also its
-Serve model id, and registers it in the lakehouse model registry with a client token of the same
-parts, as a candidate (lineage: the per-entity networks are never a tenant ensemble's members). A
+Fits. Fit ``k`` of an entity's forecaster becomes due with the first value it forecasts; it runs as
+a Ray actor task on the consumer's ``EntityFitter`` (one per consumer, started with the pipeline, so
+that the CPUs fits need are taken up front rather than waited for mid-stream behind the app's
+replicas; an actor runs its calls in the order they were sent, so fit ``k - 1`` of an entity is
+always written before fit ``k`` starts). ``fit_entity_forecaster`` trains from fit ``k - 1``
+(warm start), writes the network
+to a path made of what it is (tenant, consumer group, entity, forecaster, ``k``: ``fit_uri``), which
+is also its Serve model id, and registers it in the lakehouse model registry with a client token of
+the same parts, as a candidate (lineage: the per-entity networks are never a tenant ensemble's members). A
 task that finds its network written already (a replay after a crash) trains nothing: a replay
 reuses the weights the first run forecast with.
 """
@@ -47,7 +51,7 @@ DETECTOR_MEMBER = "detector"
 
 
 def detector_config(settings: Settings) -> DetectorConfig:
-    return DetectorConfig(refit_every=settings.detector.refit_every)
+    return DetectorConfig(refit_every=settings.detector.refit_every, seed=settings.detector.seed)
 
 
 def detector_fingerprint(settings: Settings) -> str:
@@ -56,10 +60,11 @@ def detector_fingerprint(settings: Settings) -> str:
     return f"detector={config!r}" if settings.detector.enabled else "detector=off"
 
 
-def fit_uri(settings: Settings, key: str, forecaster: str, index: int) -> str:
-    """Where fit ``index`` of a key's forecaster is written; also its Serve model id."""
+def fit_uri(settings: Settings, group: str, key: str, forecaster: str, index: int) -> str:
+    """Where fit ``index`` of a key's forecaster in consumer group ``group`` is written (each group
+    learns from what it read); also its Serve model id."""
     tenant, entity = key.split("/", 1)
-    path = settings.home_dir / "models" / tenant / "detector" / quote(entity, safe="") / forecaster / f"fit-{index}"
+    path = settings.home_dir / "models" / tenant / "detector" / quote(group, safe="") / quote(entity, safe="") / forecaster / f"fit-{index}"
     return path.resolve().as_uri()
 
 
@@ -89,8 +94,9 @@ class DetectionBatch:
 
 
 class EntityDetectors:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, group: str):
         self._settings = settings
+        self._group = group
         self._config = detector_config(settings)
         self._learning = settings.detector.learning_rows_by_entity
         self._inputs: dict[int, dict[str, SeriesInput]] = {}
@@ -122,12 +128,12 @@ class EntityDetectors:
             series.append(SeriesRows(partition, key, rows, inputs))
             for j, spec in enumerate(specs):
                 for index in np.unique(inputs.fits[j][inputs.fits[j] >= 0]).tolist():
-                    model_ids[j][rows[inputs.fits[j] == index]] = fit_uri(self._settings, key, spec.name, index)
+                    model_ids[j][rows[inputs.fits[j] == index]] = fit_uri(self._settings, self._group, key, spec.name, index)
                 windows[j][rows] = inputs.windows[j]
             for fit in due:
                 name = specs[fit.forecaster].name
-                previous = fit_uri(self._settings, key, name, fit.index - 1) if fit.index > 0 else ""
-                fits.append(DueFit(key, fit, fit_uri(self._settings, key, name, fit.index), previous))
+                previous = fit_uri(self._settings, self._group, key, name, fit.index - 1) if fit.index > 0 else ""
+                fits.append(DueFit(key, fit, fit_uri(self._settings, self._group, key, name, fit.index), previous))
         return DetectionBatch(series, [ForecastInputs(ids.tolist(), w) for ids, w in zip(model_ids, windows)], fits)
 
     def score(self, batch: DetectionBatch, forecasts: list[np.ndarray]) -> np.ndarray:
@@ -161,11 +167,21 @@ def _states_table(states: dict) -> pa.Table:
     return pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
 
 
-def submit_fit(settings: Settings, config: DetectorConfig, fit: DueFit, previous: ray.ObjectRef | str) -> ray.ObjectRef:
-    """Run a due fit as a Ray task; its result is the fit's model id once its network is written.
-    ``previous`` is the previous fit's task (while it runs) or its model id."""
-    task = ray.remote(fit_entity_forecaster).options(num_cpus=settings.detector.fit_cpus, max_retries=3)
-    return task.remote(settings, config, fit.key, fit.due, fit.model_id, previous)
+class EntityFitter:
+    """Runs a consumer's fits (as a Ray actor, ``start_fitter``), one at a time, in order."""
+
+    def ready(self) -> bool:
+        return True
+
+    def fit(self, settings: Settings, config: DetectorConfig, fit: DueFit) -> str:
+        """Fit ``fit`` (``fit_entity_forecaster``); its model id once its network is written."""
+        return fit_entity_forecaster(settings, config, fit.key, fit.due, fit.model_id, fit.previous_model_id)
+
+
+def start_fitter(settings: Settings) -> ray.actor.ActorHandle:
+    """An ``EntityFitter`` actor that Ray restarts (and retries its calls) when its process dies."""
+    options = {"num_cpus": settings.detector.fit_cpus, "max_restarts": -1, "max_task_retries": -1}
+    return ray.remote(EntityFitter).options(**options).remote()
 
 
 def fit_entity_forecaster(settings: Settings, config: DetectorConfig, key: str, due: FitDue, model_id: str, previous_model_id: str) -> str:
@@ -199,6 +215,6 @@ def fit_entity_forecaster(settings: Settings, config: DetectorConfig, key: str, 
             artifact_uri=model_id,
             metrics={"fit": float(due.index), "boundary": float(due.boundary), "training_values": float(len(due.past))},
         ),
-        client_token=f"detector:{key}#{spec.name}@{due.index}",
+        client_token=f"detector:{model_id}",
     )
     return model_id

@@ -94,9 +94,10 @@ def run_stream(
         finally:
             pipeline.shutdown()
     finally:
-        if started_here:
-            from ray import serve
+        from ray import serve
 
+        serve.delete(run.serving.app_name)
+        if started_here:
             serve.shutdown()
             ray.shutdown()
     rows = Lakehouse.open(run).read("predictions", TENANT, columns=("event_id", "scores"))

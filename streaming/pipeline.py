@@ -1,4 +1,5 @@
-"""A streaming pipeline: ``streaming.consumers`` consumer actors over one source, one lakehouse sink.
+"""A streaming pipeline: ``streaming.consumers`` consumer actors over one source, one lakehouse sink
+(and, with the detector, one fitter actor per consumer, ``streaming.detection``).
 
     pipeline = Pipeline(settings, client, group="demo")     # client: an EnsembleClient
     pipeline.start(until_end=True)                           # replays: stop at the file's end
@@ -24,6 +25,7 @@ import ray
 from rtml.errors import RtmlError
 from rtml.settings import Settings
 from streaming.consumer import ConsumerSpec, StreamConsumer
+from streaming.detection import start_fitter
 from streaming.scoring import EnsembleClient
 from streaming.sink import LakehouseSink
 
@@ -32,9 +34,14 @@ CONSUMER_CPUS = 0.25
 SINK_CPUS = 0.25
 
 
+# How long start waits for the detector's fitters to be placed before it says there is no room.
+FITTERS_PLACED_TIMEOUT_S = 60.0
+
+
 def pipeline_cpus(settings: Settings) -> float:
-    """The logical CPUs one pipeline's actors ask Ray for."""
-    return settings.streaming.consumers * CONSUMER_CPUS + SINK_CPUS
+    """The logical CPUs one pipeline's actors ask Ray for (with a detector fitter per consumer)."""
+    fitters = settings.detector.fit_cpus if settings.detector.enabled else 0.0
+    return settings.streaming.consumers * (CONSUMER_CPUS + fitters) + SINK_CPUS
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Pipeline:
         self._client = client
         self.sink = None
         self.consumers: list = []
+        self.fitters: list = []
         self._runs: list = []
         self._targets: dict[str, int] | None = None
         self.clock_start = 0.0
@@ -72,11 +80,31 @@ class Pipeline:
         starts then (``clock_start``), so that start-up time does not count as event latency."""
         restartable = {"max_restarts": -1, "max_task_retries": -1}
         self.sink = ray.remote(LakehouseSink).options(num_cpus=SINK_CPUS, **restartable).remote(self.settings)
+        fitters = self._start_fitters()
         consumer = ray.remote(StreamConsumer).options(num_cpus=CONSUMER_CPUS, max_concurrency=4, **restartable)
-        self.consumers = [consumer.remote(spec, self._client, self.sink) for spec in self.specs]
+        self.consumers = [consumer.remote(spec, self._client, self.sink, fitter) for spec, fitter in zip(self.specs, fitters)]
         self.consumer_pids()
         self.clock_start = time.time()
         self._runs = [c.run.remote(until_end, self.clock_start) for c in self.consumers]
+
+    def _start_fitters(self) -> list:
+        """One detector fitter per consumer (None each without the detector), placed before the
+        stream starts: fits that wait for CPUs mid-stream would stall it."""
+        if not self.settings.detector.enabled:
+            return [None] * len(self.specs)
+        fitters = [start_fitter(self.settings) for _ in self.specs]
+        ready, _ = ray.wait([fitter.ready.remote() for fitter in fitters], num_returns=len(fitters), timeout=FITTERS_PLACED_TIMEOUT_S)
+        if len(ready) < len(fitters):
+            for fitter in fitters:
+                ray.kill(fitter)
+            free = ray.available_resources().get("CPU", 0.0)
+            raise RtmlError(
+                f"the stream's detector needs a fit worker of detector.fit_cpus = {self.settings.detector.fit_cpus:g} CPUs per consumer "
+                f"({len(fitters)}), and the cluster has {free:g} CPUs free: give the cluster more CPUs, lower detector.fit_cpus "
+                "or streaming.consumers, or turn the detector off (detector.enabled = false)"
+            )
+        self.fitters = fitters
+        return fitters
 
     def finish_at(self, targets: dict[str, int]) -> None:
         """Let every consumer finish once its partitions are read up to ``targets`` (name -> offset)."""
@@ -125,10 +153,10 @@ class Pipeline:
         again by the next pipeline of the same group."""
         if self.sink is not None:
             ray.get(self.sink.close.remote())
-        for actor in [*self.consumers, self.sink]:
+        for actor in [*self.consumers, *self.fitters, self.sink]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
-        self.consumers, self.sink, self._runs = [], None, []
+        self.consumers, self.fitters, self.sink, self._runs = [], [], None, []
 
 
 def _result(run: ray.ObjectRef) -> dict:
