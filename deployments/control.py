@@ -202,7 +202,7 @@ def cluster_environment(settings: Settings, notes: list[str]) -> dict[str, str]:
 
 def cluster_cpus(settings: Settings) -> int:
     """The logical CPUs of the cluster ``rtml up`` starts: the machine's cores, which the app's
-    replicas are sized to share (7 x 0.25 of 2 here), plus the app's stream (its consumer and sink
+    replicas are sized to share (8 x 0.25 of 2 here), plus the app's stream (its consumer and sink
     actors, ``streaming.pipeline.pipeline_cpus``) and room for one retraining job
     (``models.training.job_cpus``), rounded up. Logical CPUs are Ray's admission tokens, not cores:
     the replicas and the stream's actors hold theirs while they wait for work, so without the room

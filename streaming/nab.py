@@ -33,13 +33,24 @@ from streaming.scoring import EnsembleClient
 
 TENANT = "nab"
 EVENTS_FILE = "nab-events.jsonl"
+NAB_LATENESS_S = 7 * 24 * 3600.0
 
 
 def nab_settings(settings: Settings, home: Path, learning_rows: dict[str, int], consumers: int) -> Settings:
     """``settings`` with a home of its own, a replay of ``EVENTS_FILE`` as fast as it is read, and
     each entity's learning period."""
     streaming = settings.streaming.model_copy(
-        update={"source": "replay", "replay_path": str(home / EVENTS_FILE), "replay_speed": 0.0, "consumers": consumers, "checkpoint_dir": "", "dead_letter_dir": ""}
+        update={
+            "source": "replay",
+            "replay_path": str(home / EVENTS_FILE),
+            "replay_speed": 0.0,
+            "consumers": consumers,
+            "checkpoint_dir": "",
+            "dead_letter_dir": "",
+            # NAB scores every row: a file whose clock steps back (machine_temperature_system_failure
+            # repeats an hour) must have its late rows scored, not dropped.
+            "allowed_lateness_seconds": NAB_LATENESS_S,
+        }
     )
     serving = settings.serving.model_copy(update={"persist_predictions": False, "run_stream": False, "model_kinds": (), "http_port": 0})
     detector = settings.detector.model_copy(update={"enabled": True, "learning_rows_by_entity": learning_rows})

@@ -23,8 +23,10 @@ def ray_cluster():
     from rtml.settings import Settings
 
     if not ray.is_initialized():
+        # Logical CPUs are Ray's admission tokens: a module's app, its own stream, a test's
+        # pipeline and their detector fit workers hold about 4 at once.
         ray.init(
-            num_cpus=4,
+            num_cpus=6,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,

@@ -183,7 +183,10 @@ def test_the_stream_scores_a_series_as_the_offline_detector_does(detector_stack,
     values[1000:1010] += 3
     times = pd.date_range("2025-01-01", periods=len(steps), freq="5min").strftime("%Y-%m-%d %H:%M:%S")
     pd.DataFrame({"timestamp": times, "value": values}).to_csv(data / "short" / "a.csv", index=False)
-    pd.DataFrame({"timestamp": times[:900], "value": values[:900][::-1]}).to_csv(data / "short" / "b.csv", index=False)
+    # Its clock steps back an hour at row 400, as NAB's machine_temperature_system_failure's does:
+    # every row is still scored, in file order.
+    stepping_back = np.concatenate([times[:400], times[388:900 - 12]])
+    pd.DataFrame({"timestamp": stepping_back, "value": values[:900][::-1]}).to_csv(data / "short" / "b.csv", index=False)
     nab = settings.model_copy(update={"serving": settings.serving.model_copy(update={"app_name": "rtml-detector-nab-tests", "route_prefix": "/nab"})})
 
     run_stream(data, tmp_path / "stream", nab, deploy_scoring)
