@@ -17,7 +17,7 @@ Fits. Fit ``k`` of an entity's forecaster becomes due with the first value it fo
 a Ray actor task on the consumer's ``EntityFitter`` (one per consumer, started with the pipeline, so
 that the CPUs fits need are taken up front rather than waited for mid-stream behind the app's
 replicas; an actor runs its calls in the order they were sent, so fit ``k - 1`` of an entity is
-always written before fit ``k`` starts). ``fit_entity_forecaster`` trains from fit ``k - 1``
+always written before fit ``k`` starts). ``write_fit`` trains from fit ``k - 1``
 (warm start), writes the network
 to a path made of what it is (tenant, consumer group, entity, forecaster, ``k``: ``fit_uri``), which
 is also its Serve model id, and registers it in the lakehouse model registry with a client token of
@@ -39,11 +39,13 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 import ray
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from models.detector import DetectorConfig, FitDue, InputRows, SeriesInput, SeriesScoring, fit_forecaster
 from models.networks import load_network, save_network
 from rtml.schemas import ForecastInputs, ModelVersion
 from rtml.settings import Settings
+from streaming.failures import JudgedFailure, describe, passes_later
 
 FIT_FILE = "fit.json"
 # The member name under which a prediction row keeps the detector's score.
@@ -170,12 +172,36 @@ def _states_table(states: dict) -> pa.Table:
 class EntityFitter:
     """Runs a consumer's fits (as a Ray actor, ``start_fitter``), one at a time, in order."""
 
+    def __init__(self):
+        self._lakehouse = None  # opened on the first fit
+
     def ready(self) -> bool:
         return True
 
     def fit(self, settings: Settings, config: DetectorConfig, fit: DueFit) -> str:
-        """Fit ``fit`` (``fit_entity_forecaster``); its model id once its network is written."""
-        return fit_entity_forecaster(settings, config, fit.key, fit.due, fit.model_id, fit.previous_model_id)
+        """Write fit ``fit`` (``write_fit``) and register it; its model id once both are done.
+
+        The registry is one Iceberg table that every consumer's fitter appends to, so a
+        registration may lose commit races for a while when many entities refit at once: it is
+        retried while its failure may pass (``streaming.failures``), for up to
+        ``streaming.give_up_after_s``; a failure that outlasts that reaches the consumer judged, as
+        a ``JudgedFailure`` (the cause chain does not cross processes)."""
+        from lakehouse import Lakehouse
+
+        write_fit(config, fit)
+        if self._lakehouse is None:
+            self._lakehouse = Lakehouse.open(settings)
+        retrying = Retrying(
+            retry=retry_if_exception(passes_later),
+            stop=stop_after_delay(settings.streaming.give_up_after_s),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
+            reraise=True,
+        )
+        try:
+            retrying(register_fit, self._lakehouse.registry, config, fit)
+        except Exception as error:
+            raise JudgedFailure(f"registering {fit.model_id} failed: {describe(error)}", transient=passes_later(error)) from None
+        return fit.model_id
 
 
 def start_fitter(settings: Settings) -> ray.actor.ActorHandle:
@@ -184,37 +210,42 @@ def start_fitter(settings: Settings) -> ray.actor.ActorHandle:
     return ray.remote(EntityFitter).options(**options).remote()
 
 
-def fit_entity_forecaster(settings: Settings, config: DetectorConfig, key: str, due: FitDue, model_id: str, previous_model_id: str) -> str:
-    """Train (unless already written), write and register one fit; returns its model id."""
+def write_fit(config: DetectorConfig, fit: DueFit) -> None:
+    """Train fit ``fit`` from the previous one and write it, whole, at its model id's path; a fit
+    already written (a replay) is kept as it is."""
     import torch
 
-    from lakehouse import Lakehouse
     from models.scoring import artifact_path
 
     torch.set_num_threads(1)  # the same forward and training arithmetic as every other fit
-    target = artifact_path(model_id)
-    spec = config.forecasters[due.forecaster]
-    if not (target / FIT_FILE).is_file():
-        previous = load_network(artifact_path(previous_model_id)) if previous_model_id else None
-        network = fit_forecaster(spec, config, due, previous)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        save_network(network, staging)
-        (staging / FIT_FILE).write_text(json.dumps({"key": key, "fit": due.index, "boundary": due.boundary, "center": due.center, "scale": due.scale}))
-        try:
-            os.rename(staging, target)  # whole or not at all; a concurrent twin may have won
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    tenant = key.split("/", 1)[0]
-    Lakehouse.open(settings).registry.register(
+    target = artifact_path(fit.model_id)
+    if (target / FIT_FILE).is_file():
+        return
+    due = fit.due
+    previous = load_network(artifact_path(fit.previous_model_id)) if fit.previous_model_id else None
+    network = fit_forecaster(config.forecasters[due.forecaster], config, due, previous)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    save_network(network, staging)
+    (staging / FIT_FILE).write_text(json.dumps({"key": fit.key, "fit": due.index, "boundary": due.boundary, "center": due.center, "scale": due.scale}))
+    try:
+        os.rename(staging, target)  # whole or not at all; a concurrent twin may have won
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def register_fit(registry, config: DetectorConfig, fit: DueFit) -> None:
+    """Register a written fit as a candidate version of ``<key>#<forecaster>``, once (its model id
+    is its client token)."""
+    spec = config.forecasters[fit.due.forecaster]
+    registry.register(
         ModelVersion(
-            name=f"{key}#{spec.name}",
+            name=f"{fit.key}#{spec.name}",
             version=0,
             kind=spec.kind,
-            tenant=tenant,
-            artifact_uri=model_id,
-            metrics={"fit": float(due.index), "boundary": float(due.boundary), "training_values": float(len(due.past))},
+            tenant=fit.key.split("/", 1)[0],
+            artifact_uri=fit.model_id,
+            metrics={"fit": float(fit.due.index), "boundary": float(fit.due.boundary), "training_values": float(len(fit.due.past))},
         ),
-        client_token=f"detector:{model_id}",
+        client_token=f"detector:{fit.model_id}",
     )
-    return model_id

@@ -4,13 +4,21 @@ restored from a checkpoint; fits become due once, named by what they are."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
+import pytest
+from pyiceberg.exceptions import CommitFailedException
+
+from lakehouse.errors import LakehouseError
+from models.detector import DetectorConfig, FitDue, ForecasterSpec
 
 from models.scoring import artifact_path
 from rtml.settings import Settings
 from streaming.arrow_ipc import from_ipc, to_ipc
-from streaming.detection import EntityDetectors
+from streaming.detection import DueFit, EntityDetectors, EntityFitter, fit_uri
+from streaming.failures import JudgedFailure
 
 LEARNING = 120
 
@@ -22,7 +30,7 @@ def _settings(tmp_path) -> Settings:
 def _series(seed: int, length: int = 400) -> np.ndarray:
     rng = np.random.default_rng(seed)
     values = np.sin(np.arange(length) / 7) + rng.normal(0, 0.1, length)
-    values[300] += 5
+    values[300 % length] += 5
     return values
 
 
@@ -78,3 +86,42 @@ def test_a_partition_without_a_checkpoint_starts_empty(tmp_path):
     detectors.restore(0, None, None)
     assert detectors.inputs_to_arrow(0).num_rows == 0 and detectors.scoring_to_arrow(0).num_rows == 0
     assert isinstance(detectors.inputs_to_arrow(0), pa.Table)
+
+
+class FlakyRegistry:
+    """Fails its first ``failures`` registrations with ``error`` (raised from ``cause``)."""
+
+    def __init__(self, failures: int, error: Exception, cause: Exception | None = None):
+        self.calls, self._failures, self._error, self._cause = 0, failures, error, cause
+
+    def register(self, model, client_token=None):
+        self.calls += 1
+        if self.calls <= self._failures:
+            raise self._error from self._cause
+        return model
+
+
+def _fitter_and_fit(tmp_path, registry) -> tuple[EntityFitter, DueFit, DetectorConfig, Settings]:
+    config = DetectorConfig(forecasters=(ForecasterSpec("cnn", 8, hparams={"channels": 2, "levels": 2}),), initial_epochs=1)
+    settings = Settings(home=tmp_path, streaming={"give_up_after_s": 30})
+    past = _series(6, 60)
+    fit = DueFit("t/a", FitDue(0, 0, 60, past, float(np.median(past)), float(np.std(past))), fit_uri(settings, "g", "t/a", "cnn-8-1", 0), "")
+    fitter = EntityFitter()
+    fitter._lakehouse = SimpleNamespace(registry=registry)  # the registry under test, instead of a lakehouse's
+    return fitter, fit, config, settings
+
+
+def test_a_registration_that_loses_commit_races_for_a_while_is_retried(tmp_path):
+    # Many entities refitting at once on two consumers' fitters: appends to the registry race.
+    races = FlakyRegistry(3, LakehouseError("table 'models': the commit kept conflicting"), CommitFailedException("branch main has changed"))
+    fitter, fit, config, settings = _fitter_and_fit(tmp_path, races)
+    assert fitter.fit(settings, config, fit) == fit.model_id
+    assert races.calls == 4
+
+
+def test_a_registration_failing_for_good_reaches_the_consumer_judged_permanent(tmp_path):
+    broken = FlakyRegistry(99, LakehouseError("table 'models': column 'kind' does not fit"))
+    fitter, fit, config, settings = _fitter_and_fit(tmp_path, broken)
+    with pytest.raises(JudgedFailure) as raised:
+        fitter.fit(settings, config, fit)
+    assert not raised.value.transient and broken.calls == 1 and "does not fit" in str(raised.value)
