@@ -552,6 +552,8 @@ class StreamConsumer:
             try:
                 ray.get(head.write)
             except Exception as error:  # the sink's or the lakehouse's failure: nothing after it is durable either
+                if settled:  # what became durable before it is kept: the rewind starts behind it
+                    self._checkpoint(settled)
                 if self._failing_since is None:
                     self._failing_since = time.time()
                 raise _CallFailed("write", error, self._failing_since) from error

@@ -100,11 +100,11 @@ def test_a_retraining_job_runs_beside_the_app_rtml_up_deploys(serving_cluster):
 def test_a_job_that_cannot_fit_is_refused_naming_what_it_needs(ray_cluster, tmp_path):
     from models.training import require_room
 
-    # More CPUs per worker than the whole session cluster has (4): nothing could ever free them.
+    # More CPUs per worker than the whole session cluster has (6): nothing could ever free them.
     settings = Settings(home=tmp_path, train={"worker_cpus": 64, "resources_timeout_s": 1})
     with pytest.raises(RtmlError) as refused:
         require_room(settings)
     message = str(refused.value)
     assert "1 Ray Train worker of {'CPU': 64.0}" in message and "{'CPU': 0.5} for its Ray Data tasks" in message
-    assert re.search(r"the cluster has \{'CPU': [\d.]+\} free of \{'CPU': 4\.0\}", message), message
+    assert re.search(r"the cluster has \{'CPU': [\d.]+\} free of \{'CPU': 6\.0\}", message), message
     assert "RTML_TRAIN__WORKER_CPUS" in message
