@@ -1,7 +1,8 @@
 """The Serve application: ``build_app(args)`` wires Ingress -> ModelRouter -> one ModelScorer
 deployment per model kind and the EntityForecaster (the stream detector's per-entity networks), the
 router's PredictionSink (lakehouse writes), the StreamRunner (the
-stream over the event log that the Ingress's ``/v1/events`` appends to) and, later, the AgentGraph.
+stream over the event log that the Ingress's ``/v1/events`` appends to) and the AgentGraph over its
+SearchAgent and GraphAgent (``deployments.agents``, when ``agents.enabled``).
 The Ingress also serves the API (``api``: ingestion, GraphQL, OpenAPI).
 
     serve run deployments.app:build_app                 # embedded defaults
@@ -10,8 +11,7 @@ The Ingress also serves the API (``api``: ingestion, GraphQL, OpenAPI).
 
 ``args`` (``AppArgs``): ``settings``, overrides of ``rtml.settings.Settings`` (nested dicts, e.g.
 ``{"home": "/srv/rtml", "serving": {"model_replicas": 2}}``; the process environment and
-``rtml.yaml`` apply beneath them), and ``agent_graph``, the import path of a Serve deployment class
-with ``explain(predictions)``: the slot the agent-graph issue fills. Built in the cluster (``serve
+``rtml.yaml`` apply beneath them). Built in the cluster (``serve
 deploy``), ``serving.use_gpu = "auto"`` asks for a GPU fraction per model replica exactly when the
 cluster has GPUs.
 
@@ -28,10 +28,10 @@ from typing import Any
 import ray
 from pydantic import BaseModel, Field
 from ray import serve
-from ray._common.utils import import_attr
 from ray.serve.config import BackpressureConfig
 from ray.serve.schema import LoggingConfig
 
+from deployments.agents import bind_agents
 from deployments.ingress import Ingress
 from deployments.forecaster import EntityForecaster
 from deployments.names import FORECASTER, INGRESS, ROUTER, SINK, STREAM, scorer_name
@@ -42,11 +42,13 @@ from deployments.stream_runner import StreamRunner
 from rtml.settings import Settings
 
 IMPORT_PATH = "deployments.app:build_app"
+# The Search and Graph agents wait on their backends most of the time; the embedding of a query is
+# the only CPU work (milliseconds).
+AGENT_CPUS = {"num_cpus": 0.1}
 
 
 class AppArgs(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
-    agent_graph: str | None = None
 
 
 def app_settings(overrides: dict[str, Any]) -> Settings:
@@ -82,7 +84,7 @@ def build_app(args: AppArgs) -> serve.Application:
     sink = PredictionSink.options(
         name=SINK, num_replicas=1, ray_actor_options=cpu_only, logging_config=logging_config
     ).bind(settings)
-    agent_graph = import_attr(args.agent_graph).bind(settings) if args.agent_graph else None
+    agent_graph = bind_agents(settings, AGENT_CPUS) if settings.agents.enabled else None
     forecaster = (
         EntityForecaster.options(
             name=FORECASTER,

@@ -119,8 +119,8 @@ def demo(
     import json
     import logging
 
+    from deployments.agents import AgentGraphClient
     from deployments.control import throughput_environment
-    from deployments.stream_client import deploy_scoring
     from rtml.settings import get_settings
     from streaming.data.generate import TRUTH_FILE
     from streaming.demo import print_summary, run_demo
@@ -133,12 +133,53 @@ def demo(
         require_kafka(settings.kafka)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the progress bar and summary say what matters
     answers: list = []
+    enrichments: list = []
+
+    def while_serving(demo_settings) -> None:
+        answers.append(_ask_graphql(demo_settings))
+        if demo_settings.agents.enabled:
+            enrichments.extend(_explained(demo_settings))
+
     result = run_demo(
-        settings, deploy_scoring, console, kafka=kafka, speed=speed, ray_env=throughput_environment(settings),
-        while_serving=lambda demo_settings: answers.append(_ask_graphql(demo_settings)),
+        settings, _scoring_with_agents, console, kafka=kafka, speed=speed, ray_env=throughput_environment(settings),
+        while_serving=while_serving, listener=lambda s: AgentGraphClient(s.serving.app_name) if s.agents.enabled else None,
     )  # fmt: skip
     print_summary(result, json.loads(TRUTH_FILE.read_text()), console)
+    _print_incident(enrichments)
     _print_graphql(result.settings.home_dir, settings, *answers)
+
+
+def _scoring_with_agents(demo_settings):
+    """The demo's knowledge loaded into its agents' embedded backends, then the app deployed."""
+    from agents.data import seed_demo
+    from deployments.stream_client import deploy_scoring
+
+    if demo_settings.agents.enabled:
+        seed_demo(demo_settings)
+    return deploy_scoring(demo_settings)
+
+
+def _explained(settings) -> list[dict]:
+    """The enrichments the app's agent graph stored, once its runs under way are done."""
+    from ray import serve
+
+    from deployments.names import AGENT_GRAPH
+
+    return serve.get_deployment_handle(AGENT_GRAPH, settings.serving.app_name).drain.remote().result(timeout_s=120)
+
+
+def _print_incident(enrichments: list[dict]) -> None:
+    """One explained incident: the one with the most anomalies."""
+    from agents.cli import print_enrichment
+
+    opened = [e for e in enrichments if e["details"]["incident"]["status"] == "open"]
+    incidents = {e["details"]["incident"]["incident_id"] for e in enrichments}
+    if not opened:
+        console.print("agents: no incident was explained")
+        return
+    largest = max(opened, key=lambda e: e["details"]["incident"]["anomalies"])
+    console.print(f"agents: {len(incidents)} incidents explained; the largest, on {largest['entity']}:")
+    print_enrichment(largest, console)
 
 
 # What `rtml demo` asks the app's GraphQL API at the end, and shows the user how to ask again.

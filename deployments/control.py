@@ -42,9 +42,9 @@ DEPLOY_TIMEOUT_S = 300.0
 PROXY_TIMEOUT_MARGIN_S = 5.0
 
 
-def app_config(settings: Settings, router: RouterConfig | None = None, agent_graph: str | None = None) -> dict[str, Any]:
+def app_config(settings: Settings, router: RouterConfig | None = None) -> dict[str, Any]:
     """The declarative config of the app (one entry of ``serve deploy``'s ``applications``)."""
-    args = AppArgs(settings=settings.model_dump(mode="json"), agent_graph=agent_graph)
+    args = AppArgs(settings=settings.model_dump(mode="json"))
     return {
         "name": settings.serving.app_name,
         "route_prefix": settings.serving.route_prefix,
@@ -79,10 +79,10 @@ def http_address() -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{options.get('port', 8000)}"
 
 
-def deploy(settings: Settings, router: RouterConfig | None = None, agent_graph: str | None = None, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
+def deploy(settings: Settings, router: RouterConfig | None = None, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
     """Deploy (or update) the app on the connected cluster and wait until it is RUNNING."""
     start_serve(settings)
-    _apply(settings, app_config(settings, router, agent_graph))
+    _apply(settings, app_config(settings, router))
     wait_until_running(settings.serving.app_name, timeout_s)
 
 

@@ -10,3 +10,4 @@ STREAM = "StreamRunner"
 def scorer_name(kind: str) -> str:
     return f"ModelScorer_{kind}"
 FORECASTER = "EntityForecaster"
+AGENT_GRAPH = "AgentGraph"

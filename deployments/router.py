@@ -34,9 +34,9 @@ the stored weights, so concurrent verdicts on several replicas compose as if app
 the other, and a restart or a redeploy keeps them. The replica adopts the stored result. A
 prediction is looked up within the verdict's tenant only.
 
-The AgentGraph slot: ``agent_graph`` is an optional handle to a deployment with an
-``explain(predictions: list[rtml.schemas.Prediction])`` method; when given, the router hands it
-every anomalous prediction and does not wait for it (the agent graph issue provides it).
+The agent graph: ``agent_graph`` is the app's AgentGraph handle (``deployments.agents``; None
+with ``agents.enabled = false``). The router hands it every anomalous prediction of an HTTP
+request and does not wait for it; the stream's anomalies reach it from the stream's sink instead.
 """
 
 from __future__ import annotations
@@ -323,7 +323,10 @@ class ModelRouter:
         the sink's write (done once the rows are durable), which the answers wait for. The agent
         graph is not waited for."""
         persist = self._serving.persist_predictions and any(request.persist for request in requests)
-        if not (persist or (self._agent_graph is not None and is_anomaly.any())):
+        # The stream's requests (persist=False) are not explained from here: the consumer makes
+        # their final decisions (the detector's included) and its sink hands those on.
+        to_explain = is_anomaly & np.repeat([request.persist for request in requests], [len(request) for request in requests])
+        if not (persist or (self._agent_graph is not None and to_explain.any())):
             return None
         group = _group_request(requests, ids)
         durable = None
@@ -336,7 +339,7 @@ class ModelRouter:
             sink = sized(self._sink, rows.nbytes)
             durable = asyncio.ensure_future(call_with_retry(lambda: awaited(sink.write.remote(rows))))
             durable.add_done_callback(_retrieved)  # its requests may all have been cancelled meanwhile
-        if self._agent_graph is not None and is_anomaly.any():
+        if self._agent_graph is not None and to_explain.any():
             anomalies = [
                 Prediction(
                     prediction_id=ids[index],
@@ -351,7 +354,7 @@ class ModelRouter:
                     latency_ms=float(time.time() - group.available_at[index]) * 1000.0,
                     subject=group.subjects[index],
                 )
-                for index in np.flatnonzero(is_anomaly).tolist()
+                for index in np.flatnonzero(to_explain).tolist()
             ]
             self._in_background(self._agent_graph.explain.remote(anomalies), "the agent graph failed on a batch of anomalies")
         return durable

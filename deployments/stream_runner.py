@@ -20,6 +20,7 @@ import threading
 
 from ray import serve
 
+from deployments.agents import AgentGraphClient
 from deployments.stream_client import RouterEnsembleClient
 from rtml.settings import Settings
 from streaming.pipeline import Pipeline
@@ -45,7 +46,8 @@ class StreamRunner:
     def _run(self) -> None:
         app_name = self._settings.serving.app_name
         try:
-            self._pipeline = Pipeline(self._settings, RouterEnsembleClient(app_name), group=f"{app_name}-stream")
+            listener = AgentGraphClient(app_name) if self._settings.agents.enabled else None
+            self._pipeline = Pipeline(self._settings, RouterEnsembleClient(app_name), group=f"{app_name}-stream", listener=listener)
             self._pipeline.start(until_end=False)
             self._pipeline.wait()
         except BaseException as error:  # reported by check_health, which has Serve replace the replica

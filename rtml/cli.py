@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from agents.cli import agents_app, graph_app
 from api.cli import app as api_app
 from api.cli import query
 from cluster.cli import app as services_app
@@ -33,6 +34,8 @@ app.add_typer(services_app, name="services")
 app.add_typer(api_app, name="api")
 app.command()(query)
 app.add_typer(nab_app, name="nab")
+app.add_typer(agents_app, name="agents")
+app.add_typer(graph_app, name="graph")
 app.command("train")(train_command)
 
 bench_app = typer.Typer(help="Side-by-side benchmarks; figures go to benchmarks/RESULTS.md.", no_args_is_help=True)

@@ -263,6 +263,10 @@ def _same_keys_map(keys: list[str], values: pa.Array, rows: int) -> pa.MapArray:
     return pa.MapArray.from_arrays(offsets, pa.array(keys * rows, pa.string()), values)
 
 
+# The stream's per-entity detector's key in a prediction's ``scores`` (``streaming.detection``).
+DETECTOR_MEMBER = "detector"
+
+
 class Prediction(BaseModel):
     """The router's answer for one scored window."""
 

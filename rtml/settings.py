@@ -39,6 +39,7 @@ class ServicesSettings(BaseModel):
     prometheus_port: int = 19090
     postgres_port: int = 15432
     redis_port: int = 16379
+    alertmanager_port: int = 19094
     # Heap of each JVM server (Kafka, Neo4j, Elasticsearch): three of them share a small test machine.
     jvm_heap_mb: int = 512
     # How long `up` waits for a server to answer; parallel JVM start-ups on 2 cores take a while.
@@ -305,6 +306,61 @@ class ApiSettings(BaseModel):
     max_analytics_windows: int = Field(default=10_000, ge=1)
 
 
+class AgentsSettings(BaseModel):
+    """The agent graph that explains anomalies (``agents``): Search and Graph in parallel, then
+    Reasoning, then Alert. Every backend has an embedded default that needs no server."""
+
+    enabled: bool = True
+    # Search: "embedded" (tantivy BM25 + embeddings in the agent) or "elasticsearch".
+    search_backend: Literal["embedded", "elasticsearch"] = "embedded"
+    elasticsearch_url: str = "http://127.0.0.1:19200"
+    search_index: str = "rtml-knowledge"
+    search_hits: int = Field(default=5, ge=1)
+    search_candidates: int = Field(default=50, ge=1)  # BM25 candidates re-ranked by embedding similarity
+    # Least similarity (cosine of the embeddings, in [-1, 1]) for a document to count as similar.
+    search_min_similarity: float = 0.4
+    # Graph: "embedded" (kuzu) or "neo4j".
+    graph_backend: Literal["embedded", "neo4j"] = "embedded"
+    neo4j_uri: str = "bolt://127.0.0.1:17687"
+    neo4j_user: str = ""
+    neo4j_password_secret: str = "neo4j-password"  # the secret's name (security.secrets)
+    graph_hops: int = Field(default=3, ge=1, le=10)
+    # Reasoning: "template" (deterministic, no LLM), "openai" (any OpenAI-compatible chat
+    # completions server) or "anthropic" (Messages API).
+    llm_provider: Literal["template", "openai", "anthropic"] = "template"
+    llm_base_url: str = ""  # e.g. https://api.openai.com/v1, http://localhost:11434/v1, https://api.anthropic.com
+    llm_model: str = ""
+    llm_api_key_secret: str = "llm-api-key"  # the secret's name (security.secrets)
+    llm_max_tokens: int = Field(default=600, ge=1)
+    prompt_version: str = "explain-v1"  # a file in agents/prompts/
+    # Alerts: every channel configured here gets each incident's alert (the log always does).
+    alertmanager_url: str = ""  # e.g. http://127.0.0.1:19094
+    opsgenie_url: str = ""  # e.g. https://api.opsgenie.com
+    opsgenie_api_key_secret: str = "opsgenie-api-key"
+    webhook_url: str = ""
+    # Per node: past this the node's evidence is marked partial and the graph goes on.
+    search_timeout_s: float = Field(default=2.0, gt=0)
+    graph_timeout_s: float = Field(default=2.0, gt=0)
+    reasoning_timeout_s: float = Field(default=20.0, gt=0)
+    alert_timeout_s: float = Field(default=5.0, gt=0)
+    # Incidents: an entity's anomalies less than incident_gap_s apart (event time) are one incident,
+    # and so are those of entities within graph_hops of it; an incident is resolved once it has had
+    # no anomaly for incident_gap_s (of event time, or of wall time when the stream is quiet).
+    incident_gap_s: float = Field(default=300.0, gt=0)
+    # A growing incident is explained again (one more LLM chain) at most this often, and only
+    # once it has at least doubled in anomalies since its last explanation.
+    reexplain_after_s: float = Field(default=600.0, gt=0)
+    replicas: int = Field(default=1, ge=1)  # Search and Graph agents' Serve replicas each
+
+
+class SecuritySettings(BaseModel):
+    """Where secrets come from (``security.secrets``): "env" reads ``RTML_SECRET_<NAME>`` (the name
+    upper-cased, ``-`` and ``.`` as ``_``), "file" reads ``<secrets_dir>/<name>``."""
+
+    secrets_provider: Literal["env", "file"] = "env"
+    secrets_dir: str = ""  # default <home>/secrets
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RTML_",
@@ -322,6 +378,8 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     train: RayTrainSettings = RayTrainSettings()
     api: ApiSettings = ApiSettings()
+    agents: AgentsSettings = AgentsSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @classmethod
     def settings_customise_sources(

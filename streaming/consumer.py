@@ -62,12 +62,12 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_de
 
 from observability import metrics
 from rtml.errors import RtmlError
-from rtml.schemas import ForecastInputs, Refusal, ScoreRequest, ScoreResult, prediction_table
+from rtml.schemas import DETECTOR_MEMBER, ForecastInputs, Refusal, ScoreRequest, ScoreResult, prediction_table
 from rtml.settings import Settings
 from streaming.arrow_ipc import to_ipc
 from streaming.checkpoints import Checkpoint, CheckpointStore
 from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
-from streaming.detection import DETECTOR_MEMBER, DetectionBatch, EntityDetectors, detector_fingerprint, start_fitter
+from streaming.detection import DetectionBatch, EntityDetectors, detector_fingerprint, start_fitter
 from streaming.failures import JudgedFailure, describe, passes_later
 from streaming.features import feature_rows, feature_set_version, window_spec
 from streaming.files import storage_dir

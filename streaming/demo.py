@@ -33,13 +33,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rtml.errors import RtmlError
-from rtml.schemas import ModelVersion
+from rtml.schemas import DETECTOR_MEMBER, ModelVersion
 from rtml.settings import Settings
 from streaming.data.generate import EVENTS_FILE, STEP_SECONDS, TRAINING_HOURS, TRUTH_FILE
-from streaming.detection import DETECTOR_MEMBER
 from streaming.features import feature_set_version, window_spec
 from streaming.pipeline import Pipeline, Progress as PipelineProgress
-from streaming.scoring import EnsembleClient, warm_up
+from streaming.scoring import AnomalyListener, EnsembleClient, warm_up
 from streaming.sources.replay import ReplaySource, read_records
 
 DEMO_KINDS = ("cnn", "rnn")
@@ -177,10 +176,12 @@ def run_demo(
     speed: float = DEFAULT_SPEED,
     ray_env: dict[str, str] | None = None,
     while_serving: Callable[[Settings], None] | None = None,
+    listener: Callable[[Settings], AnomalyListener | None] = lambda settings: None,
 ) -> DemoResult:
     """The demo (see the module docstring); ``ray_env`` goes to every process of the local Ray
     cluster it starts (Serve's throughput options, from the caller). ``while_serving(demo
-    settings)`` runs after the replay, while the app still serves (the caller's query of it)."""
+    settings)`` runs after the replay, while the app still serves (the caller's query of it);
+    ``listener(demo settings)`` hears of the stream's durable anomalies (the app's agent graph)."""
     import ray
 
     from lakehouse import Lakehouse
@@ -212,7 +213,7 @@ def run_demo(
         with console.status("starting the Serve app (ingress, router, one scorer deployment per model kind)"):
             client = start_scoring(demo)
             warm_up(client, sorted({model.tenant for model in models}), demo.models.window_length)
-        result = _replay(demo, client, console, truth, models, kafka, speed, lake)
+        result = _replay(demo, client, console, truth, models, kafka, speed, lake, listener(demo))
         if while_serving is not None:
             while_serving(demo)
         return result
@@ -220,8 +221,8 @@ def run_demo(
         ray.shutdown()
 
 
-def _replay(demo: Settings, client, console: Console, truth: dict, models, kafka: bool, speed: float, lake) -> DemoResult:
-    pipeline = Pipeline(demo, client, group=demo.kafka.consumer_group if kafka else "demo", replay_path=str(EVENTS_FILE))
+def _replay(demo: Settings, client, console: Console, truth: dict, models, kafka: bool, speed: float, lake, listener: AnomalyListener | None) -> DemoResult:
+    pipeline = Pipeline(demo, client, group=demo.kafka.consumer_group if kafka else "demo", replay_path=str(EVENTS_FILE), listener=listener)
     produced, failure = threading.Event(), []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:

@@ -43,13 +43,11 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 
 from models.detector import DetectorConfig, FitDue, InputRows, SeriesInput, SeriesScoring, fit_forecaster
 from models.networks import load_network, save_network
-from rtml.schemas import ForecastInputs, ModelVersion
+from rtml.schemas import DETECTOR_MEMBER, ForecastInputs, ModelVersion
 from rtml.settings import Settings
 from streaming.failures import JudgedFailure, describe, passes_later
 
 FIT_FILE = "fit.json"
-# The member name under which a prediction row keeps the detector's score.
-DETECTOR_MEMBER = "detector"
 
 
 def detector_config(settings: Settings) -> DetectorConfig:

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 
 from models.nab.runner import find_series, read_series
 from models.nab.scorer import probationary_length
+from rtml.schemas import DETECTOR_MEMBER
 from rtml.settings import Settings
-from streaming.detection import DETECTOR_MEMBER
 from streaming.pipeline import Pipeline
 from streaming.scoring import EnsembleClient
 

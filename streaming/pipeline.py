@@ -1,7 +1,7 @@
 """A streaming pipeline: ``streaming.consumers`` consumer actors over one source, one lakehouse sink
 (and, with the detector, one fitter actor per consumer, ``streaming.detection``).
 
-    pipeline = Pipeline(settings, client, group="demo")     # client: an EnsembleClient
+    pipeline = Pipeline(settings, client, group="demo")     # client: an EnsembleClient; listener=: who hears of anomalies
     pipeline.start(until_end=True)                           # replays: stop at the file's end
     stats = pipeline.wait(on_progress=print)                 # Progress(durable, total, ...) as it goes
     pipeline.shutdown()
@@ -26,7 +26,7 @@ from rtml.errors import RtmlError
 from rtml.settings import Settings
 from streaming.consumer import ConsumerSpec, StreamConsumer
 from streaming.detection import start_fitter
-from streaming.scoring import EnsembleClient
+from streaming.scoring import AnomalyListener, EnsembleClient
 from streaming.sink import LakehouseSink
 
 # Logical CPUs each actor asks Ray for: they wait on I/O and on the models most of the time.
@@ -58,6 +58,7 @@ class Pipeline:
         client: EnsembleClient,
         group: str,
         replay_path: str = "",
+        listener: AnomalyListener | None = None,
     ):
         if settings.streaming.source == "replay" and not replay_path:
             raise RtmlError("a replay pipeline needs the file to replay (streaming.replay_path)")
@@ -68,6 +69,7 @@ class Pipeline:
             raise RtmlError("streaming.consumers must be at least 1")
         self.specs = [ConsumerSpec(settings, group, i, count, replay_path) for i in range(count)]
         self._client = client
+        self._listener = listener
         self.sink = None
         self.consumers: list = []
         self.fitters: list = []
@@ -79,7 +81,7 @@ class Pipeline:
         """Start the actors; returns once every consumer is ready and reading. A replay's clock
         starts then (``clock_start``), so that start-up time does not count as event latency."""
         restartable = {"max_restarts": -1, "max_task_retries": -1}
-        self.sink = ray.remote(LakehouseSink).options(num_cpus=SINK_CPUS, **restartable).remote(self.settings)
+        self.sink = ray.remote(LakehouseSink).options(num_cpus=SINK_CPUS, **restartable).remote(self.settings, self._listener)
         fitters = self._start_fitters()
         consumer = ray.remote(StreamConsumer).options(num_cpus=CONSUMER_CPUS, max_concurrency=4, **restartable)
         self.consumers = [consumer.remote(spec, self._client, self.sink, fitter) for spec, fitter in zip(self.specs, fitters)]

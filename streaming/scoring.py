@@ -11,18 +11,28 @@ that it can commit its offsets once they are durable.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Protocol
 
 import numpy as np
 
 from rtml.errors import RtmlError
-from rtml.schemas import Refusal, ScoreRequest, ScoreResult
+from rtml.schemas import Prediction, Refusal, ScoreRequest, ScoreResult
 
 
 class EnsembleClient(Protocol):
     def score(self, batches: list[ScoreRequest]) -> list[ScoreResult | Refusal]:
         """Score every batch; each gets its scores or a refusal. Raises when the service cannot be
         reached (the consumer retries)."""
+
+
+class AnomalyListener(Protocol):
+    """Who hears of the stream's anomalies once they are durable (the app's agent graph,
+    ``deployments.agents.AgentGraphClient``). Picklable: the pipeline hands it to its sink actor."""
+
+    def notify(self, predictions: list[Prediction], watermarks: dict[str, datetime]) -> None:
+        """Take the anomalous predictions of a durable batch and, per tenant, the newest event
+        time the batch scored; returns at once (called on the sink's event loop) and never raises."""
 
 
 def warm_up(client: EnsembleClient, tenants: list[str], window_length: int, timeout_s: float = 120.0) -> None:

@@ -12,6 +12,11 @@ durable: subscribers see a prediction as soon as it is scored rather than after 
 (``lakehouse.writer_flush_seconds``). The price is that a live view may see an event twice (same
 event id, a new prediction id) when a failed write makes the consumer re-score it; the lakehouse
 keeps it once. The feed queues and returns: the write never waits for it.
+
+Once a batch is durable, its anomalous predictions (the consumer's final decisions) and the newest
+event time it scored per tenant go to the pipeline's anomaly listener (the app's agent graph), which
+returns at once: explaining never holds up the write. A batch re-scored after a failed write is
+handed on again; the agent graph files the same event under the same incident.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ import asyncio
 import logging
 import os
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rtml.schemas import Prediction
 from rtml.settings import Settings
 from streaming.arrow_ipc import from_ipc
 from streaming.failures import JudgedFailure, passes_later
 from streaming.feed import open_feed, prediction_items
+from streaming.scoring import AnomalyListener
 
 TABLES = ("events", "features", "predictions")
 SINK_NICENESS = 10
@@ -34,7 +44,7 @@ class LakehouseSink:
     """Run as a Ray actor (``ray.remote(LakehouseSink)``); async, so that writes of many consumers
     wait side by side."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, listener: AnomalyListener | None = None):
         from lakehouse import Lakehouse
 
         # Commits come in bursts of CPU work that only have to keep up, not be quick; on a busy
@@ -44,6 +54,7 @@ class LakehouseSink:
         self._lake = Lakehouse.open(settings)
         self._writers = {table: self._lake.writer(table) for table in TABLES}
         self._feed = open_feed(settings)
+        self._listener = listener
 
     async def write(self, tables: dict[str, bytes]) -> dict[str, int]:
         """Append each table's rows (Arrow IPC, ``streaming.arrow_ipc``) idempotently; returns the
@@ -55,7 +66,19 @@ class LakehouseSink:
             await asyncio.gather(*(asyncio.wrap_future(self._writers[name].submit(rows)) for name, rows in submitted.items()))
         except Exception as error:
             raise JudgedFailure(f"{type(error).__name__}: {error}", passes_later(error)) from error
+        if self._listener is not None and "predictions" in submitted:
+            self._tell_listener(submitted["predictions"])
         return {name: rows.num_rows for name, rows in submitted.items()}
+
+    def _tell_listener(self, predictions: pa.Table) -> None:
+        try:
+            watermarks = predictions.group_by("tenant").aggregate([("event_time", "max")])
+            newest = dict(zip(watermarks.column("tenant").to_pylist(), watermarks.column("event_time_max").to_pylist()))
+            anomalous = predictions.filter(pc.equal(predictions.column("is_anomaly"), True))
+            items = [Prediction.model_validate(item) for item in prediction_items(anomalous)] if anomalous.num_rows else []
+            self._listener.notify(items, newest)
+        except Exception:  # explaining is on top of the record, never a reason to fail a write
+            log.exception("lakehouse sink: could not hand a batch's anomalies to the listener")
 
     def pid(self) -> int:
         return os.getpid()

@@ -81,3 +81,9 @@ def postgres_dsn() -> str:
 def redis_url() -> str:
     """Redis, "redis://host:port" (the API's shared rate-limit storage)."""
     return _answering("redis").address
+
+
+@pytest.fixture(scope="session")
+def alertmanager_url() -> str:
+    """Alertmanager's base URL, "http://host:port" (API v2 under /api/v2; amtool's --alertmanager.url)."""
+    return _answering("alertmanager").address

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from cluster.services.alertmanager import Alertmanager
 from cluster.services.base import Service, ServiceError
 from cluster.services.elasticsearch import Elasticsearch
 from cluster.services.kafka import Kafka
@@ -23,7 +24,7 @@ from cluster.services.redis import Redis
 from rtml.settings import Settings, get_settings
 
 SERVICES: dict[str, type[Service]] = {
-    service.name: service for service in (Kafka, Neo4j, Elasticsearch, Prometheus, Postgres, Redis)
+    service.name: service for service in (Kafka, Neo4j, Elasticsearch, Prometheus, Postgres, Redis, Alertmanager)
 }
 NAMES = tuple(SERVICES)
 

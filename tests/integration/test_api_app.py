@@ -4,7 +4,8 @@ WebSocket clients: httpx, a Python graphql-transport-ws client over `websockets`
 `graphql-ws` client the dashboard's Apollo Client uses.
 
 Events POSTed to /v1/events go into the embedded event log, the app's stream scores them, and
-GraphQL reads the predictions back; the subscription receives an anomaly of a replayed stream.
+GraphQL reads the predictions back; the subscription receives an anomaly of a replayed stream, and
+the agent graph's enrichment of it.
 Waits are bounded polls (a busy 2-core machine), never assertions on speed."""
 
 from __future__ import annotations
@@ -210,6 +211,44 @@ def test_a_subscription_receives_an_anomaly_of_a_replayed_stream(app):
         assert anomaly["entity"] == "pump-9" and anomaly["isAnomaly"] is True
     # Both clients got the stream's first anomaly.
     assert python_payload["data"]["anomalies"]["eventId"] == node_payload["data"]["anomalies"]["eventId"]
+
+
+ENRICHMENTS = """query($entity: String) {
+  enrichments(entity: $entity, first: 10) { edges { node { enrichmentId predictionId entity source summary details } } }
+}"""
+
+
+def test_an_anomaly_of_the_stream_is_explained_stored_and_pushed_to_subscribers(app):
+    """The stream's sink hands its durable anomalies to the app's AgentGraph, whose enrichment
+    reaches the enrichments subscription and the lakehouse (read back through GraphQL)."""
+    ws_url = app.http.replace("http://", "ws://") + "/graphql"
+    query = 'subscription { enrichments(entity: "pump-7") { enrichmentId predictionId entity source summary } }'
+
+    async def explain_under_subscription() -> list:
+        received, ready = [], asyncio.Event()
+        listening = asyncio.create_task(_python_subscription(ws_url, query, received, ready))
+        await asyncio.wait_for(ready.wait(), 60)
+        await asyncio.sleep(1.0)  # the subscribe frame reaches the server's feed
+        values = np.append(sensor_series(count=1, length=40, seed=6)[0], 500.0)
+        answer = await asyncio.to_thread(_post, app, _events("pump-7", values, start=START + timedelta(days=1)))
+        assert answer.status_code == 202, answer.text
+        await asyncio.wait_for(listening, WAIT_S)
+        return received
+
+    [payload] = asyncio.run(explain_under_subscription())
+    pushed = payload["data"]["enrichments"]
+    assert pushed["entity"] == "pump-7" and pushed["source"] == "agent-graph"
+    assert "template" in pushed["summary"].lower()  # the embedded reasoner says what it is
+    deadline = time.monotonic() + WAIT_S
+    while not (edges := _graphql(app, ENRICHMENTS, {"entity": "pump-7"})["enrichments"]["edges"]):
+        assert time.monotonic() < deadline, "the pushed enrichment never reached the lakehouse"
+        time.sleep(1.0)
+    stored = edges[0]["node"]
+    assert stored["enrichmentId"] == pushed["enrichmentId"] and stored["predictionId"] == pushed["predictionId"]
+    details = json.loads(stored["details"])
+    assert details["reasoning"]["provider"] == "template" and details["partial"] == []
+    anomalous = {edge["node"]["predictionId"] for edge in _graphql(app, PREDICTIONS, {"entity": "pump-7"})["predictions"]["edges"] if edge["node"]["isAnomaly"]}
+    assert stored["predictionId"] in anomalous
 
 
 def test_unknown_routes_and_bad_graphql_are_4xx_json(app):

@@ -198,7 +198,7 @@ def test_redis_counts_a_shared_rate_limit_across_clients(redis_url):
 
 
 def test_status_shows_every_service_up(
-    monkeypatch, kafka_bootstrap, neo4j_uri, elasticsearch_url, prometheus_url, postgres_dsn, redis_url
+    monkeypatch, kafka_bootstrap, neo4j_uri, elasticsearch_url, prometheus_url, postgres_dsn, redis_url, alertmanager_url
 ):
     from typer.testing import CliRunner
 

@@ -7,6 +7,8 @@ from ray.serve._private.build_app import build_app as build_serve_app
 
 from deployments.app import build_app
 
+AGENTS = {"AgentGraph", "SearchAgent", "GraphAgent"}
+
 
 def deployments_of(settings: dict) -> dict:
     built = build_serve_app(build_app({"settings": settings}), name="test")
@@ -15,7 +17,7 @@ def deployments_of(settings: dict) -> dict:
 
 def test_one_scorer_deployment_per_configured_kind_behind_the_router():
     deployments = deployments_of({"serving": {"model_kinds": ["rnn", "cnn"], "model_replicas": 2}})
-    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn", "EntityForecaster"}
+    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn", "EntityForecaster", *AGENTS}
     assert deployments["ModelScorer_rnn"].num_replicas == 2
     assert deployments["ModelRouter"].user_config == {"generation": 0, "rollouts": []}
     assert deployments["Ingress"].max_queued_requests == 1024
@@ -23,12 +25,17 @@ def test_one_scorer_deployment_per_configured_kind_behind_the_router():
 
 def test_the_apps_stream_is_left_out_when_something_else_consumes_the_log():
     deployments = deployments_of({"serving": {"model_kinds": ["rnn"], "run_stream": False}})
-    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "ModelScorer_rnn", "EntityForecaster"}
+    assert set(deployments) == {"Ingress", "ModelRouter", "PredictionSink", "ModelScorer_rnn", "EntityForecaster", *AGENTS}
 
 
 def test_the_entity_forecaster_is_left_out_without_the_detector():
     deployments = deployments_of({"serving": {"model_kinds": ["rnn"]}, "detector": {"enabled": False}})
     assert "EntityForecaster" not in deployments
+
+
+def test_the_agents_are_left_out_when_turned_off():
+    deployments = deployments_of({"serving": {"model_kinds": ["rnn"]}, "agents": {"enabled": False}})
+    assert not AGENTS & set(deployments)
 
 
 @pytest.mark.parametrize(("use_gpu", "gpus"), [("always", 0.25), ("never", None), ("auto", None)])
