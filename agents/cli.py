@@ -100,11 +100,13 @@ def explain_prediction(tenant: str, prediction_id: str, alert: bool = False) -> 
 
 
 def print_enrichment(enrichment: dict, console) -> None:
+    from rich.markup import escape
+
     details = enrichment["details"]
-    console.print(f"[bold]{enrichment['summary']}[/]", highlight=False)
+    console.print(f"[bold]{escape(enrichment['summary'])}[/]", highlight=False)
     reasoning = details.get("reasoning") or {}
     for name, text in (reasoning.get("sections") or {}).items():
-        console.print(f"  [bold]{name}[/]: {text}", highlight=False)
+        console.print(f"  [bold]{name}[/]: {escape(text)}", highlight=False)
     marked = details.get("partial") or []
     console.print(
         f"[dim]enrichment {enrichment['enrichment_id']} · reasoning by {reasoning.get('provider')} "
@@ -112,4 +114,4 @@ def print_enrichment(enrichment: dict, console) -> None:
         highlight=False,
     )
     if details.get("graph"):
-        console.print(f"[dim]graph evidence: {json.dumps(details['graph']['root_causes'][:3], default=str)}[/]", highlight=False)
+        console.print(f"[dim]graph evidence: {escape(json.dumps(details['graph']['root_causes'][:3], default=str))}[/]", highlight=False)

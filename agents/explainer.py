@@ -42,6 +42,7 @@ class Explainer:
         publish: Callable[[list[dict[str, Any]]], None] = lambda items: None,  # the live feed's enrichments
         index: Callable[[Document], Any] | None = None,  # the Search agent's index of past enrichments
         context: Callable[[Incident], str] = lambda incident: "",
+        on_stored: Callable[[dict[str, Any]], None] = lambda row: None,  # each enrichment once durable (timing, counting)
     ):
         self._graph = build_graph(nodes)
         self._book = book
@@ -49,6 +50,7 @@ class Explainer:
         self._publish = publish
         self._index = index
         self._context = context
+        self._on_stored = on_stored
         self._running: dict[str, asyncio.Task] = {}  # incident id -> its run under way
         self._again: dict[str, Incident] = {}  # incident id -> the incident to run next
         self._explained: dict[str, Any] = {}  # incident id -> its latest Reasoning (for the resolve)
@@ -117,6 +119,7 @@ class Explainer:
         written = self._store(row)
         if asyncio.isfuture(written) or asyncio.iscoroutine(written):
             await written
+        self._on_stored(row)
         self._publish([row])
         self.enrichments = [*self.enrichments[-99:], row]
         if self._index is not None and "explanation" in final:

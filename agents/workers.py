@@ -57,6 +57,7 @@ def open_explainer(
     graph: GraphCall,
     publish: Callable[[list[dict[str, Any]]], None] = lambda items: None,
     index: Callable[[Document], Any] | None = None,
+    on_stored: Callable[[dict[str, Any]], None] = lambda row: None,
 ) -> tuple[Explainer, Callable[[], None]]:
     """The explainer of ``settings`` over the given search and graph calls, storing into the
     lakehouse; returns it and the function that closes its lakehouse writer."""
@@ -81,6 +82,7 @@ def open_explainer(
         store=lambda row: asyncio.wrap_future(writer.submit([row])),
         publish=publish,
         index=index,
+        on_stored=on_stored,
     )
     return explainer, writer.close
 

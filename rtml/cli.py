@@ -78,6 +78,18 @@ def bench_stream(
     stream_benchmark(events, rate, seconds, consumers, write, Console())
 
 
+@bench_app.command("agents")
+def bench_agents(
+    rate: float = typer.Option(5.0, help="New incidents offered per second."),
+    seconds: float = typer.Option(60.0, help="How long to offer them."),
+    write: bool = typer.Option(False, "--write", help="Write the figures into benchmarks/RESULTS.md."),
+) -> None:
+    """Anomaly -> enrichment stored through the agent graph on the embedded backends."""
+    from benchmarks.agents import main as agents_benchmark
+
+    agents_benchmark(rate, seconds, write, Console())
+
+
 @bench_app.command("lakehouse")
 def bench_lakehouse(
     commits: int = typer.Option(600, help="Idempotent appends to make, one after another."),

@@ -29,6 +29,10 @@ class LLMError(RuntimeError):
     message says which)."""
 
 
+class LLMTimeout(LLMError):
+    """The model did not answer within the time it was given."""
+
+
 class LLM(Protocol):
     provider: str  # "openai" or "anthropic"
     model: str
@@ -46,7 +50,7 @@ async def post_json(url: str, headers: dict[str, str], body: dict[str, Any], ans
         async with asyncio.timeout(timeout_s), httpx.AsyncClient(timeout=timeout_s) as client:
             response = await client.post(url, json=body, headers=headers)
     except (TimeoutError, httpx.TimeoutException):
-        raise LLMError(f"{url} did not answer within {timeout_s:g}s") from None
+        raise LLMTimeout(f"{url} did not answer within {timeout_s:g}s") from None
     except httpx.HTTPError as error:
         raise LLMError(f"{url} could not be reached ({type(error).__name__}: {error}); check agents.llm_base_url") from None
     if not response.is_success:
