@@ -97,7 +97,7 @@ def test_serve_deploy_of_the_config_brings_the_app_to_running(head_node, tmp_pat
         assert app.get("status") != "DEPLOY_FAILED", app.get("message")
         assert time.monotonic() < deadline, f"not RUNNING after 300s: {app}"
         time.sleep(2)
-    assert set(app["deployments"]) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn", "EntityForecaster"}
+    assert set(app["deployments"]) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn", "EntityForecaster", "AgentGraph", "SearchAgent", "GraphAgent"}
 
     window = windows_of(sensor_series()[0], 32)[0]
     response = httpx.post(f"http://127.0.0.1:{head_node['http_port']}/v1/predict", json={"tenant": "acme", "window": window.tolist()}, timeout=60)
