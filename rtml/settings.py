@@ -50,6 +50,16 @@ class ServicesSettings(BaseModel):
     )
 
 
+class ReplicaSettings(BaseModel):
+    """A replica lakehouse that `rtml lakehouse replicate` copies to and erasure reaches."""
+
+    name: str  # what reports and the audit trail call it (``to`` may hold credentials)
+    # A folder (an embedded SQLite catalog and warehouse are kept in it), or a catalog URI:
+    # sqlite:///..., postgresql+psycopg2://... or http(s)://... for a REST catalog.
+    to: str
+    warehouse: str = ""  # the replica's warehouse, for a catalog URI
+
+
 class LakehouseSettings(BaseModel):
     """Iceberg catalog and warehouse. Empty ``catalog_uri``/``warehouse`` mean "under ``home``"."""
 
@@ -75,6 +85,10 @@ class LakehouseSettings(BaseModel):
     # `rtml lakehouse maintain` rewrites a partition once it holds this many files smaller than the size below.
     compaction_min_files: int = 4
     compaction_small_file_bytes: int = 32 * 1024 * 1024
+    # Disaster-recovery copies: `rtml lakehouse replicate` without --to copies to each, and an
+    # erasure (`rtml erase`, requestErasure) erases the subject in each too, e.g.
+    # RTML_LAKEHOUSE__REPLICAS='[{"name": "dr", "to": "/backup/rtml"}]'. None by default.
+    replicas: list[ReplicaSettings] = Field(default_factory=list)
 
 
 class KafkaSettings(BaseModel):
@@ -238,6 +252,11 @@ class ServingSettings(BaseModel):
     # How long a WebSocket (a GraphQL subscription) may stay idle behind HAProxy before it is
     # closed; clients keep theirs alive with graphql-transport-ws pings well within it.
     websocket_idle_timeout_s: int = Field(default=3600, gt=0)
+    # The TLS entry `rtml up` starts when security.tls_cert_file is set: it terminates TLS here and
+    # forwards to Serve's HTTP port on loopback (http_host must stay loopback, or the plain port
+    # would be a way around it).
+    tls_host: str = "127.0.0.1"
+    tls_port: int = 8443
     # Extra options of the `ray start --head` that `rtml up` runs, e.g. '["--temp-dir=/tmp/r2",
     # "--ray-client-server-port=10011"]' for a second cluster beside another on one machine.
     ray_start_args: list[str] = Field(default_factory=list)
@@ -355,10 +374,67 @@ class AgentsSettings(BaseModel):
 
 class SecuritySettings(BaseModel):
     """Where secrets come from (``security.secrets``): "env" reads ``RTML_SECRET_<NAME>`` (the name
-    upper-cased, ``-`` and ``.`` as ``_``), "file" reads ``<secrets_dir>/<name>``."""
+    upper-cased, ``-`` and ``.`` as ``_``), "file" reads ``<secrets_dir>/<name>``, "vault" reads
+    HashiCorp Vault's KV v2 (``security.vault``)."""
 
-    secrets_provider: Literal["env", "file"] = "env"
+    secrets_provider: Literal["env", "file", "vault"] = "env"
     secrets_dir: str = ""  # default <home>/secrets
+    # HashiCorp Vault (security.vault): the secret <name> is the field "value" of the KV v2 secret
+    # <vault_kv_prefix>/<name> in the engine mounted at vault_kv_mount; tokenization keys live in
+    # the transit engine at vault_transit_mount. The token comes from VAULT_TOKEN, else from
+    # vault_token_file (which `vault login` writes).
+    vault_url: str = "http://127.0.0.1:8200"
+    vault_token_file: str = "~/.vault-token"
+    vault_namespace: str = ""  # Vault Enterprise / HCP namespace; "" = none
+    vault_timeout_s: float = Field(5.0, gt=0)  # per request: an unreachable Vault fails fast
+    vault_ca_cert: str = ""  # CA bundle that signed Vault's TLS certificate; "" = the system's
+    vault_kv_mount: str = "secret"
+    vault_kv_prefix: str = "rtml"
+    vault_transit_mount: str = "transit"
+    # Values read are kept this long, at most vault_cache_size of them (0 turns the cache off): a
+    # rotated secret reaches rtml within vault_cache_ttl_s.
+    vault_cache_ttl_s: float = Field(300.0, ge=0)
+    vault_cache_size: int = Field(1024, ge=0)
+    # Keys the secrets store lacks are generated once under <home>/keys (security.keys): right for a
+    # laptop and the demo; production keeps its keys in the store and turns this off.
+    generate_keys: bool = True
+    # TLS at the HTTP/WebSocket entry: `rtml up` starts a TLS front (HAProxy, deployments.control) on
+    # serving.tls_port when a certificate and key are set (PEM files; `rtml certs dev` mints them;
+    # the certificate file may hold the chain). Empty: no TLS front, plain HTTP on serving.http_port.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Client certificates at the entry: "required" (mutual TLS: a client without a certificate
+    # signed by tls_client_ca_file fails the handshake), "optional" (one presented must verify),
+    # "none" (not asked for). Zero trust: required unless said otherwise.
+    tls_client_auth: Literal["none", "optional", "required"] = "required"
+    tls_client_ca_file: str = ""  # PEM: the CA(s) whose client certificates the entry accepts
+    # API tokens (security.tokens): ES256 JWTs signed with the secret jwt-signing-key-<jwt_key_id>;
+    # keys named in jwt_previous_key_ids still verify (rotation).
+    jwt_issuer: str = "rtml"
+    jwt_audience: str = "rtml-api"
+    jwt_key_id: str = "k1"
+    jwt_previous_key_ids: list[str] = []
+    # Clock skew allowed between issuer and verifier; bounded, so an expired token stays expired.
+    jwt_leeway_s: float = Field(30.0, ge=0, le=300)
+    jwt_default_ttl_s: float = 3600.0
+    jwt_max_ttl_s: float = 30 * 86400.0
+    # PII tokenization (security.pii): phone numbers written without a country code are read as
+    # numbers of this region (ISO 3166 code).
+    pii_phone_region: str = "US"
+    # Attribute names (at any depth of attributes) tokenized whole, whatever they hold, per tenant;
+    # "*" applies to every tenant.
+    # E.g. {"*": ["customer_name"], "acme": ["account", "address"]}.
+    pii_fields: dict[str, list[str]] = {}
+    # The Vault transit key that makes tokens (hmac) and seals the token vault's entries
+    # (encrypt), when secrets_provider is "vault"; otherwise local keys pii-token-key and
+    # pii-encryption-key (security.keys) do both.
+    pii_transit_key: str = "rtml-pii"
+    # Token vault (security.tokenvault), a SQLAlchemy URL: "" is sqlite:///<home>/pii/tokens.db;
+    # production e.g. postgresql+psycopg2://user:pass@host/db.
+    token_vault_url: str = ""
+    # Entries each process remembers (values it has tokenized, tokens it has stored in the vault),
+    # so that the stream's repeated values cost neither an HMAC nor a vault round trip.
+    pii_cache_size: int = Field(65536, ge=1)
 
 
 class Settings(BaseSettings):

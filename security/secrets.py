@@ -4,8 +4,9 @@
     key = secrets.get("llm-api-key")      # raises MissingSecret saying how to set it
 
 "env" reads ``RTML_SECRET_<NAME>`` (the name upper-cased, ``-`` and ``.`` as ``_``); "file" reads
-``<security.secrets_dir>/<name>`` (default ``<home>/secrets``), without its trailing newline. Every
-provider has the one method ``get``, so another store (Vault) is one more class beside these.
+``<security.secrets_dir>/<name>`` (default ``<home>/secrets``), without its trailing newline; "vault"
+reads the field ``value`` of the KV v2 secret ``<security.vault_kv_prefix>/<name>`` from HashiCorp
+Vault (``security.vault``). Every provider has the one method ``get``.
 """
 
 from __future__ import annotations
@@ -66,8 +67,13 @@ class FileSecrets:
 
 
 def open_secrets(settings: Settings) -> SecretsProvider:
-    """The provider ``settings.security`` names."""
+    """The provider ``settings.security`` names. Vault's is shared by the whole process (one
+    client, token renewal and cache per Vault configuration), so calling this often costs nothing."""
     security = settings.security
+    if security.secrets_provider == "vault":
+        from security.vault import shared_vault_secrets  # here: security.vault imports this module
+
+        return shared_vault_secrets(settings)
     if security.secrets_provider == "file":
         return FileSecrets(Path(security.secrets_dir).expanduser() if security.secrets_dir else settings.home_dir / "secrets")
     return EnvSecrets()
