@@ -3,6 +3,7 @@
     explainer = Explainer(nodes, book, store=..., publish=..., index=...)
     await explainer.observe(predictions, watermarks)   # returns at once; runs go on in the background
     await explainer.drain()                           # wait for the runs under way (tests, shutdown)
+    explainer.forget(tenant, prediction_ids, event_ids)  # an erased subject's anomalies (api.erasure)
 
 ``observe`` files the anomalous predictions under their incidents (``agents.incidents``) and starts
 a run of the agent graph (``agents.graph``) for each incident that is due an explanation, and for
@@ -18,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from agents.evidence import Anomaly, Document, Incident
 from agents.graph import Nodes, build_graph, partial_nodes
-from agents.incidents import IncidentBook
+from agents.incidents import IncidentBook, names_any
 from agents.search import document_for_enrichment
 from rtml.schemas import Prediction, utc_now
 
@@ -52,6 +53,7 @@ class Explainer:
         self._context = context
         self._on_stored = on_stored
         self._running: dict[str, asyncio.Task] = {}  # incident id -> its run under way
+        self._under_way: dict[str, Incident] = {}  # incident id -> the incident its run under way explains
         self._again: dict[str, Incident] = {}  # incident id -> the incident to run next
         self._explained: dict[str, Any] = {}  # incident id -> its latest Reasoning (for the resolve)
         self.enrichments: list[dict[str, Any]] = []  # what this process stored, newest last (bounded)
@@ -77,6 +79,25 @@ class Explainer:
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
 
+    def forget(self, tenant: str, prediction_ids: Collection[str], event_ids: Collection[str]) -> int:
+        """Forget what this process holds of an erased subject's anomalies (``api.erasure``): the
+        open incidents that name them (``agents.incidents.names_any``) with their latest
+        explanation, their runs waiting or under way (cancelled: none stores or indexes an
+        enrichment of them afterwards, a resolved incident's last run included), and the recently
+        stored enrichments of them. Returns how many incidents and enrichments it dropped."""
+        forgotten = set(self._book.forget(tenant, prediction_ids, event_ids))
+        forgotten.update(i for i, incident in self._under_way.items() if names_any(incident, tenant, prediction_ids, event_ids))
+        forgotten.update(i for i, incident in self._again.items() if names_any(incident, tenant, prediction_ids, event_ids))
+        for incident_id in forgotten:
+            self._again.pop(incident_id, None)
+            self._explained.pop(incident_id, None)
+            if incident_id in self._running:
+                self._running[incident_id].cancel()
+        kept = [row for row in self.enrichments if not (row["tenant"] == tenant and (row["prediction_id"] in prediction_ids or row["event_id"] in event_ids))]
+        dropped = len(self.enrichments) - len(kept)
+        self.enrichments = kept
+        return len(forgotten) + dropped
+
     async def explain_now(self, incident: Incident, anomalous: Mapping[str, datetime] | None = None) -> dict[str, Any]:
         """Run the graph for one incident and wait for its enrichment (``rtml agents explain``)."""
         return await self._run(incident, dict(anomalous or {incident.entity: incident.started_at}))
@@ -95,6 +116,7 @@ class Explainer:
         incident_id = incident.incident_id
         try:
             while incident is not None:
+                self._under_way[incident_id] = incident
                 try:
                     await self._run(incident, self._book.anomalous(incident.tenant))
                 except Exception:  # a store or feed failure: logged, the next run goes on
@@ -102,6 +124,7 @@ class Explainer:
                 incident = self._again.pop(incident_id, None)
         finally:
             del self._running[incident_id]
+            self._under_way.pop(incident_id, None)
 
     async def _run(self, incident: Incident, anomalous: Mapping[str, datetime]) -> dict[str, Any]:
         state: dict[str, Any] = {"incident": incident, "anomalous": dict(anomalous), "context": self._context(incident)}

@@ -4,6 +4,7 @@
     steps = book.add(anomalies, wall_s=time.time())   # -> [Step(incident, "explain" | "grow")]
     book.relate(incident_id, entities)                  # what the graph agent found it is connected to
     resolved = book.resolve_quiet(watermarks, wall_s)   # incidents that ended
+    forgotten = book.forget(tenant, prediction_ids, event_ids)  # an erased subject's (api.erasure)
 
 Grouping. An anomaly joins an open incident of its tenant when its entity is in the incident, or is
 related to it (``relate``: the incident's root-cause candidates and blast radius, as the graph agent
@@ -24,13 +25,21 @@ The book is plain data in one process (the AgentGraph replica); it keeps only op
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
 from agents.evidence import Anomaly, Incident
 from rtml.schemas import new_id
+
+
+def names_any(incident: Incident, tenant: str, prediction_ids: Collection[str], event_ids: Collection[str]) -> bool:
+    """Whether ``incident`` is of ``tenant`` and names one of these predictions or events as its
+    first or latest anomaly (the only anomalies an incident names)."""
+    return incident.tenant == tenant and (
+        incident.first_prediction_id in prediction_ids or incident.latest_prediction_id in prediction_ids or incident.first_event_id in event_ids
+    )
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,15 @@ class IncidentBook:
                 del self._open[incident_id]
                 ended.append(incident.model_copy(update={"status": "resolved", "revision": incident.revision + 1}))
         return ended
+
+    def forget(self, tenant: str, prediction_ids: Collection[str], event_ids: Collection[str]) -> list[str]:
+        """Drop, unresolved, the open incidents of ``tenant`` that name one of these predictions or
+        events (an erased subject's: ``names_any``); returns their ids. Incidents that merely
+        counted one of them stay: they hold its entity and times, nothing that names the subject."""
+        forgotten = [incident_id for incident_id, held in self._open.items() if names_any(held.incident, tenant, prediction_ids, event_ids)]
+        for incident_id in forgotten:
+            del self._open[incident_id]
+        return forgotten
 
     def anomalous(self, tenant: str) -> dict[str, datetime]:
         """Each entity of the tenant's open incidents -> the event time of its first anomaly."""

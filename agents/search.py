@@ -91,7 +91,7 @@ def document_for_enrichment(incident: Incident, summary: str) -> Document:
     incident itself never finds it), about the incident's entities, dated at its latest anomaly
     (what the explanation covers)."""
     return Document(
-        doc_id=f"enrichment:{incident.incident_id}:{incident.revision}",
+        doc_id=enrichment_doc_id(f"{incident.incident_id}:{incident.revision}"),
         tenant=incident.tenant,
         kind="enrichment",
         title=f"Incident on {incident.entity}",
@@ -99,6 +99,13 @@ def document_for_enrichment(incident: Incident, summary: str) -> Document:
         entities=list(incident.entities),
         at=incident.last_at,
     )
+
+
+def enrichment_doc_id(enrichment_id: str) -> str:
+    """The document id of the stored enrichment ``enrichment_id`` (``<incident id>:<revision>``, as
+    ``agents.explainer.enrichment_row`` names it): how an erasure finds the documents of the
+    enrichments it removes."""
+    return f"enrichment:{enrichment_id}"
 
 
 class DocumentsFileError(ValueError):

@@ -33,7 +33,8 @@ from security.secrets import open_secrets
 
 class SearchWorker:
     def __init__(self, settings: Settings):
-        self._agent = SearchAgent(open_search(settings), load_embedder(), settings.agents)
+        self._backend = open_search(settings)
+        self._agent = SearchAgent(self._backend, load_embedder(), settings.agents)
 
     def similar(self, incident: Incident, context: str = "") -> SearchEvidence:
         return self._agent.similar(incident, context)
@@ -42,13 +43,23 @@ class SearchWorker:
         self._agent.index(documents)
         return len(documents)
 
+    def erase(self, tenant: str, doc_ids: Sequence[str]) -> int:
+        """Delete these documents of ``tenant`` (an erasure: ``api.erasure``); returns how many were stored."""
+        return self._backend.erase(tenant, doc_ids)
+
 
 class GraphWorker:
     def __init__(self, settings: Settings):
-        self._agent = GraphAgent(open_graph(settings), settings.agents)
+        self._backend = open_graph(settings)
+        self._agent = GraphAgent(self._backend, settings.agents)
 
     def explain(self, incident: Incident, anomalous: Mapping[str, datetime]) -> GraphEvidence:
         return self._agent.explain(incident, anomalous)
+
+    def erase(self, tenant: str, entities: Sequence[str]) -> int:
+        """Delete these entities of ``tenant`` and their dependencies (an erasure: ``api.erasure``);
+        returns how many the graph held."""
+        return self._backend.erase(tenant, entities)
 
 
 def open_explainer(

@@ -1,7 +1,7 @@
 """The API's data layer: every read and write a GraphQL request makes, scoped to one tenant.
 
     access = DataAccess(settings, operations, feed)   # one per process (the Ingress replica)
-    data = access.scoped(caller_tenant(headers))      # one per request: the only way to the data
+    data = access.scoped(authenticator.caller(headers), client)   # one per request: the only way to the data
     page = await data.predictions(PredictionFilter(is_anomaly=True), first=100)
 
 Tenant scope is structural: ``TenantData`` is made for one tenant, none of its methods takes a
@@ -22,10 +22,20 @@ the Iceberg scan; only the columns the query selects are read.
 Analytics run one DuckDB query over the Arrow table of the scan: windows of ``window`` seconds over
 ``[start, end)``, each with count, anomalies, anomaly rate, events per second and score quantiles.
 
-Audit entries: an ``audit`` row belongs to a tenant when its ``details`` name that tenant
-(``details.tenant``): erasures the tenant requested (``Lakehouse.erase(..., tenant=)`` records it)
-and the changes this layer makes for it (promotions, weights, rollouts). Operator-wide actions
-(``rtml erase`` in every tenant, maintenance) name no tenant and are shown to none.
+Audit trail: every call of a ``TenantData`` is recorded in the append-only ``audit`` table, reads
+included: who (the token's subject, role and id), for which tenant, what (the action and table),
+which rows (their count, the filter, and the ids of up to ``AUDITED_IDS`` of them), when, and from
+where (the client's address). Changes (feedback, promotions, weights, rollouts, erasures) are
+answered only once their entry is durable; reads and subscriptions are answered while their
+entries are on their way (the audit table's batching writer makes them durable within
+``lakehouse.writer_flush_seconds``), so that a read does not wait for a commit; a process killed in
+that window loses those read entries, never a change's. Entries name subjects only by digest and
+rows by id, never by personal data.
+
+An ``audit`` row belongs to a tenant when its ``details`` name that tenant (``details.tenant``):
+the entries above, and erasures the tenant requested (``Lakehouse.erase(..., tenant=)`` records
+it). Operator-wide actions (``rtml erase`` in every tenant, maintenance) name no tenant and are
+shown to none.
 
 Concurrency: resolvers run on the server's event loop, so every blocking lakehouse or DuckDB call
 runs in a worker thread (``asyncio.to_thread``). A ``Lakehouse`` may be shared by threads (each
@@ -52,12 +62,18 @@ import pyarrow.compute as pc
 from pydantic import TypeAdapter, ValidationError
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, LessThanOrEqual
 
+from api.erasure import LAKEHOUSE, erase_everywhere
 from api.operations import Operations, RolloutMode
 from lakehouse import TABLES, Lakehouse, LakehouseError, TableMetadataError
+from lakehouse.api import audit_record
+from lakehouse.writer import BatchingWriter
 from rtml.schemas import EPOCH, Feedback, ModelStatus, ModelVersion, Refusal, SubjectId, TenantId, UtcDatetime, micros
 from rtml.settings import Settings
+from security.tokens import Principal
+from security.tokenvault import TokenNotFound, TokenVault
 
 if TYPE_CHECKING:
+    from api.ingest import PiiFirstHop
     from streaming.feed import Feed
 
 T = TypeVar("T")
@@ -66,9 +82,12 @@ T = TypeVar("T")
 BAD_USER_INPUT = "BAD_USER_INPUT"
 NOT_FOUND = "NOT_FOUND"
 UNAUTHENTICATED = "UNAUTHENTICATED"
+FORBIDDEN = "FORBIDDEN"
 UNAVAILABLE = "UNAVAILABLE"
 
 DEFAULT_PAGE_SIZE = 50
+# Row ids an audit entry lists (its row_count counts them all).
+AUDITED_IDS = 100
 # The one paginated view per table: its time column and the id that orders rows of equal time.
 LISTINGS = {"predictions": ("event_time", "prediction_id"), "enrichments": ("created_at", "enrichment_id"), "audit": ("at", "audit_id")}
 _TENANT = TypeAdapter(TenantId)
@@ -158,37 +177,67 @@ class LineageView:
 class DataAccess:
     """What the API reads and writes, for any tenant; hand out ``scoped(tenant)`` views only."""
 
-    def __init__(self, settings: Settings, operations: Operations, feed: Feed, lake: Lakehouse | None = None):
+    def __init__(self, settings: Settings, operations: Operations, feed: Feed, lake: Lakehouse | None = None, first_hop: PiiFirstHop | None = None):
+        """``first_hop``: this process's tokenizer and token vault (an erasure makes them forget the subject)."""
         self.settings = settings
+        self._first_hop = first_hop
+        self._own_vault: TokenVault | None = None
         self._operations = operations
         self._feed = feed
         self._lake = lake or Lakehouse.open(settings)
         self._duckdb = duckdb.connect(":memory:")
+        self._audit_writer: BatchingWriter | None = None
 
-    def scoped(self, tenant: str) -> TenantData:
-        """The data of ``tenant`` (an id ``api.tenancy.caller_tenant`` gave)."""
-        return TenantData(self, _TENANT.validate_python(tenant))
+    def scoped(self, principal: Principal, client: str | None = None) -> TenantData:
+        """The data of ``principal``'s tenant, for requests it makes from ``client`` (an address)."""
+        return TenantData(self, principal, client)
+
+    def token_vault(self) -> TokenVault:
+        """This process's token vault: its first hop's, else one opened here on first use."""
+        if self._first_hop is not None:
+            return self._first_hop.vault
+        if self._own_vault is None:
+            self._own_vault = TokenVault.open(self.settings)
+        return self._own_vault
+
+    def _erasable_memory(self) -> dict[str, Any]:
+        """What of this process an erasure must reach besides the stores: its token vault's memory
+        and its tokenizer's caches."""
+        if self._first_hop is None:
+            return {}
+        return {"vault": self._first_hop.vault, "caches": [self._first_hop.tokenizer.forget_cached]}
+
+    def audit_writer(self) -> BatchingWriter:
+        """The batching writer of the ``audit`` table that every ``TenantData`` records its calls with."""
+        if self._audit_writer is None:
+            self._audit_writer = self._lake.writer("audit")
+        return self._audit_writer
+
+    def flush_audit(self, timeout: float | None = None) -> None:
+        """Wait until every audit entry recorded so far is durable."""
+        if self._audit_writer is not None:
+            self._audit_writer.flush(timeout)
 
 
 class TenantData:
     """Everything one tenant may read and change; see the module docstring."""
 
-    __slots__ = ("_access", "_lake", "_tenant")
+    __slots__ = ("_access", "_client", "_lake", "_principal", "_tenant")
 
-    def __init__(self, access: DataAccess, tenant: str):
+    def __init__(self, access: DataAccess, principal: Principal, client: str | None = None):
         self._access = access
         self._lake = access._lake
-        self._tenant = tenant
+        self._principal = principal
+        self._tenant = _TENANT.validate_python(principal.tenant)
+        self._client = client
 
     @property
     def tenant(self) -> str:
         return self._tenant
 
     @property
-    def _actor(self) -> str:
-        """Who the audit trail names for this tenant's requests (until the security issue's JWT
-        names a person)."""
-        return f"tenant:{self._tenant} via the API"
+    def principal(self) -> Principal:
+        return self._principal
 
     # reads -----------------------------------------------------------------------------------
 
@@ -281,7 +330,9 @@ class TenantData:
             )
 
         results = []
-        for index, entity, count, anomalies, seconds, p50, p90, p99 in await self._blocking(compute):
+        computed = await self._blocking(compute)
+        self.record_access("analytics", "predictions", row_count=sum(row[2] for row in computed), start=where.start, end=where.end, entity=where.entity, model=where.model)
+        for index, entity, count, anomalies, seconds, p50, p90, p99 in computed:
             window_start = where.start + timedelta(microseconds=index * width_us)  # type: ignore[operator]
             results.append(
                 {
@@ -306,6 +357,7 @@ class TenantData:
         if table not in ("predictions", "enrichments"):
             raise ApiError(BAD_USER_INPUT, f"no time travel through table {table!r}; choose predictions or enrichments")
         found = await self._blocking(lambda: self._lake.snapshots(table))
+        self.record_access("snapshots", table, row_count=len(found))
         return [
             {
                 "snapshot_id": snapshot.snapshot_id,
@@ -318,10 +370,13 @@ class TenantData:
 
     async def models(self, status: ModelStatus | None = None) -> list[ModelVersion]:
         """The tenant's registered model versions, newest first (optionally in one status)."""
-        return await self._blocking(lambda: self._lake.registry.list(tenant=self._tenant, status=status))
+        found = await self._blocking(lambda: self._lake.registry.list(tenant=self._tenant, status=status))
+        self.record_access("read", "models", [model.key for model in found], status=status)
+        return found
 
     async def ensemble(self) -> dict | None:
         """The tenant's ensemble as the running router reports it (``Operations.ensemble``)."""
+        self.record_access("ensemble", "models", row_count=1)
         return await self._operation(self._access._operations.ensemble(self._tenant))
 
     async def lineage(self, prediction_id: str) -> LineageView:
@@ -336,6 +391,7 @@ class TenantData:
                 raise ApiError(NOT_FOUND, f"tenant {self._tenant!r} has no prediction {prediction_id!r}") from None
 
         found = await self._blocking(trace)
+        self.record_access("lineage", "predictions", [prediction_id])
         return LineageView(
             _plain(dict(found.prediction), "predictions"),
             _records(found.features, "features"),
@@ -361,7 +417,9 @@ class TenantData:
         except ValidationError as error:
             problem = error.errors(include_url=False)[0]
             raise ApiError(BAD_USER_INPUT, f"feedback {'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
-        return await self._operation(self._access._operations.feedback(items))
+        answers = await self._operation(self._access._operations.feedback(items))
+        await self._audit("feedback", "predictions", {"rows": [item.prediction_id for item in items][:AUDITED_IDS]}, row_count=len(items))
+        return answers
 
     async def promote(self, name: str, version: int) -> ModelVersion:
         """Make the tenant's ``name@version`` active (retiring the version it replaces) in the
@@ -402,20 +460,52 @@ class TenantData:
         return await self.ensemble()
 
     async def request_erasure(self, subject: str) -> dict[str, Any]:
-        """Erase the tenant's rows about ``subject`` from every table and snapshot (another tenant's
-        subject of the same id keeps its rows); audited by the lakehouse."""
+        """Erase the tenant's data about ``subject`` from every store (``api.erasure``: lakehouse
+        rows and snapshots, replicas, search documents, graph entities, token-vault entries, the
+        app's open incidents; another tenant's subject of the same id keeps its data), recorded in
+        one audit entry. A store that cannot be reached is an UNAVAILABLE error naming it; asking
+        again finishes the erasure (it is idempotent)."""
         try:
             subject = _SUBJECT.validate_python(subject)
         except ValidationError:
             raise ApiError(BAD_USER_INPUT, "subject: at most 256 characters") from None
         if not subject.strip():
             raise ApiError(BAD_USER_INPUT, "subject: give the id of the data subject whose rows to erase")
-        report = await self._blocking(lambda: self._lake.erase(subject, actor=self._actor, tenant=self._tenant))
+        report = await erase_everywhere(
+            subject,
+            self._principal.actor,
+            self._tenant,
+            settings=self._access.settings,
+            lake=self._lake,
+            agents=self._access._operations,
+            **self._access._erasable_memory(),
+            audit_details={"role": self._principal.role.value, "from": self._client},
+        )
+        if not report.complete:
+            failed = "; ".join(f"{store.store}: {store.error}" for store in report.failed)
+            raise ApiError(UNAVAILABLE, f"the erasure is incomplete (asking again finishes it): {failed}")
+        lakehouse = report.store(LAKEHOUSE)
         return {
             "subject_digest": report.subject_digest,
-            "rows_removed": report.rows_removed,
-            "tables": [vars(table) for table in report.tables],
+            "rows_removed": lakehouse.removed,
+            "tables": [{"table": name, **erased} for name, erased in lakehouse.details["tables"].items()],
+            "stores": [{"store": store.store, "removed": store.removed} for store in report.stores],
         }
+
+    async def reveal_token(self, token: str) -> str:
+        """The value a PII token of the tenant stands for (``security.tokenvault``); the caller
+        must be an admin (``api.schema.REQUIRED_ROLES``). Audited, durably, before it is answered;
+        a token the vault cannot reverse (unknown here, or its subject erased) is NOT_FOUND."""
+
+        def reveal() -> str:
+            try:
+                return self._access.token_vault().reveal(self._tenant, token)
+            except TokenNotFound as error:
+                raise ApiError(NOT_FOUND, str(error)) from None
+
+        value = await asyncio.to_thread(reveal)
+        await self._audit("reveal", "pii_tokens", {"token": token})
+        return value
 
     # live ------------------------------------------------------------------------------------
 
@@ -435,6 +525,7 @@ class TenantData:
     def _live(self, topic: Literal["predictions", "enrichments"], wanted: Callable[[Mapping[str, Any]], bool]) -> AsyncIterator[dict[str, Any]]:
         # Subscribed now, not when the stream is first read: the subscription sees every item
         # published after the operation was accepted.
+        self.record_access("subscribe", topic, row_count=0)
         return self._stream(self._access._feed.subscribe(topic, self._tenant), topic, wanted)
 
     async def _stream(self, source: AsyncIterator[dict], topic: str, wanted: Callable[[Mapping[str, Any]], bool]) -> AsyncIterator[dict[str, Any]]:
@@ -495,6 +586,8 @@ class TenantData:
 
         rows, snapshot = await self._blocking(read)
         records = _records(rows.slice(0, size), table)
+        where = None if isinstance(condition, AlwaysTrue) else str(condition)
+        self.record_access("read", table, [r[id_column] for r in records], where=where, start=start, end=end, snapshot_id=snapshot, after=after)
         cursors = [_Cursor(snapshot, micros(r[time_column]), r[id_column]).encode() for r in records] if snapshot is not None else []
         return Page(records, cursors, rows.num_rows > size, snapshot)
 
@@ -550,10 +643,28 @@ class TenantData:
             raise ApiError(NOT_FOUND, f"tenant {self._tenant!r} has no model {name}@{version}; `models` lists its versions")
         return found
 
-    async def _audit(self, action: str, table: str, details: dict[str, Any]) -> None:
-        await self._blocking(
-            lambda: self._lake.audit(self._actor, action, table, row_count=1, details={"tenant": self._tenant, **details})
+    async def _audit(self, action: str, table: str, details: dict[str, Any], row_count: int = 1) -> None:
+        """Record a change in the audit trail and wait until the entry is durable."""
+        try:
+            await asyncio.wrap_future(self._record(action, table, row_count, None, details))
+        except LakehouseError as error:
+            raise ApiError(UNAVAILABLE, f"the audit trail cannot record the change right now: {error}") from error
+
+    def record_access(self, action: str, table: str, ids: Sequence[str] = (), row_count: int | None = None, **row_filter: Any) -> None:
+        """Record a read in the audit trail (durable shortly after: module docstring)."""
+        given = {name: value for name, value in row_filter.items() if value is not None}
+        self._record(
+            action,
+            table,
+            len(ids) if row_count is None else row_count,
+            json.dumps(given, sort_keys=True, default=str) if given else None,
+            {"rows": list(ids[:AUDITED_IDS])} if ids else {},
         )
+
+    def _record(self, action: str, table: str, row_count: int, row_filter: str | None, details: dict[str, Any]):
+        who = {"tenant": self._tenant, "role": self._principal.role.value, "from": self._client}
+        entry = audit_record(self._principal.actor, action, table, row_count, row_filter, details={**who, **details})
+        return self._access.audit_writer().submit([entry])
 
     @staticmethod
     async def _blocking(work: Callable[[], T]) -> T:

@@ -2,11 +2,14 @@
 GET for queries) and WebSocket (the ``graphql-transport-ws`` protocol of the npm ``graphql-ws``
 client and Apollo Client), with ariadne's ASGI ``GraphQL``.
 
-Each request's context is a ``schema.Caller``: the ``TenantData`` of the tenant that
-``api.tenancy.caller_tenant`` finds in the request's headers (HTTP) or in the WebSocket's
-``connection_init`` payload (its ``x-rtml-tenant`` entry, flat or under ``headers``), else in the
-upgrade request's headers. A request without a valid tenant still runs; whatever needs data fails
-with UNAUTHENTICATED (introspection needs none).
+Every request is authenticated before anything else is read (``api.tenancy.Authenticator``): an
+HTTP request by its ``Authorization: Bearer`` header (none or an invalid one: HTTP 401,
+UNAUTHENTICATED), a WebSocket by its ``connection_init`` payload (an ``Authorization`` entry, flat
+or under ``headers``), else the upgrade request's header; a connection that proves no caller is
+closed with 4403 (graphql-transport-ws's "Forbidden") before it is acknowledged. Each operation's
+context is a ``schema.Caller``: the ``TenantData`` of the caller's tenant. An operation that
+selects a root field whose role (``schema.REQUIRED_ROLES``) the caller's token lacks is refused
+before it runs: FORBIDDEN, HTTP 403.
 
 Requests over HTTP: a POST of ``application/json`` or a GET with ``query`` (and ``variables``,
 ``operationName``) parameters; the body is read within ``api.max_graphql_bytes`` (413 beyond it)
@@ -23,7 +26,7 @@ paginated field above it (its default when not given).
 Errors carry ``extensions.code``: GRAPHQL_PARSE_FAILED, GRAPHQL_VALIDATION_FAILED, QUERY_TOO_DEEP,
 QUERY_TOO_COSTLY, REQUEST_TOO_LARGE, BAD_USER_INPUT (also a request that cannot be read, and
 variables that do not fit their types), NOT_FOUND,
-UNAUTHENTICATED, UNAVAILABLE (``api.data``) and INTERNAL: anything unexpected, logged here with its
+UNAUTHENTICATED, FORBIDDEN, UNAVAILABLE (``api.data``) and INTERNAL: anything unexpected, logged here with its
 traceback and answered with a generic message, never the trace.
 """
 
@@ -44,12 +47,13 @@ from graphql.validation import ValidationRule
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.data import BAD_USER_INPUT, ApiError, DataAccess
+from api.data import BAD_USER_INPUT, FORBIDDEN, UNAUTHENTICATED, ApiError, DataAccess
 from api.ingest import read_body
-from api.schema import Caller, schema
-from api.tenancy import caller_tenant
+from api.schema import REQUIRED_ROLES, Caller, schema
+from api.tenancy import Authenticator, client_address
 from rtml.schemas import Refusal
 from rtml.settings import Settings
+from security.tokens import Principal
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +63,29 @@ QUERY_TOO_DEEP = "QUERY_TOO_DEEP"
 QUERY_TOO_COSTLY = "QUERY_TOO_COSTLY"
 REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
 INTERNAL = "INTERNAL"
+# HTTP statuses of answers whose every error is one of these (others are answered as ariadne does).
+_STATUS_OF_CODE = {UNAUTHENTICATED: 401, FORBIDDEN: 403}
 INTERNAL_MESSAGE = "internal error: it has been logged on the server; try again, and report it if it persists"
 
-# Where a WebSocket connection keeps its connection_init payload for the contexts of its operations.
-_CONNECTION_PARAMS = "rtml.connection_params"
+# Where a request (HTTP: its state; WebSocket: its scope) keeps the caller it was authenticated as.
+_PRINCIPAL = "rtml_principal"
 
 
-def graphql_app(access: DataAccess, settings: Settings) -> GraphQL:
-    """The ASGI app of ``api.schema`` over ``access`` (mount it at ``/graphql``)."""
+def graphql_app(access: DataAccess, settings: Settings, authenticator: Authenticator | None = None) -> GraphQL:
+    """The ASGI app of ``api.schema`` over ``access`` (mount it at ``/graphql``); callers are
+    verified by ``authenticator`` (default: one over ``settings``)."""
     limits = settings.api
     costs = cost_map(schema.graphql_schema)
     too_deep = _coded(depth_limit_validator(limits.max_query_depth), QUERY_TOO_DEEP)
+    authenticator = authenticator or Authenticator(settings)
 
-    def rules(_context: Any, _document: Any, data: dict) -> list[type[ValidationRule]]:
+    def rules(context: Caller, _document: Any, data: dict) -> list[type[ValidationRule]]:
         # The cost validator reads `first` from the request's variables, so it is made per request.
-        return [too_deep, cost_validator(limits.max_query_cost, cost_map=costs, variables=data.get("variables"))]
+        return [
+            _roles_of(context.data.principal),
+            too_deep,
+            cost_validator(limits.max_query_cost, cost_map=costs, variables=data.get("variables")),
+        ]
 
     return GraphQL(
         schema.graphql_schema,
@@ -86,24 +98,32 @@ def graphql_app(access: DataAccess, settings: Settings) -> GraphQL:
         introspection=True,
         logger=_ErrorLog(log, {}),
         error_formatter=format_error,
-        http_handler=_HTTPHandler(limits.max_graphql_bytes),
-        websocket_handler=GraphQLTransportWSHandler(on_connect=_keep_connection_params),
+        http_handler=_HTTPHandler(limits.max_graphql_bytes, authenticator),
+        websocket_handler=_WebSocketHandler(authenticator),
     )
 
 
 class _HTTPHandler(GraphQLHTTPHandler):
     """ariadne's HTTP handler, reading a request as the module docstring says."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, authenticator: Authenticator):
         super().__init__()
         self._max_bytes = max_bytes
+        self._authenticator = authenticator
 
     async def graphql_http_server(self, request: Request) -> Response:
         try:
+            setattr(request.state, _PRINCIPAL, self._authenticator.caller(request.headers))
             return await super().graphql_http_server(request)
-        except Refusal as refusal:  # from extract_data_from_request: the request could not be read
-            code = REQUEST_TOO_LARGE if refusal.status == 413 else BAD_USER_INPUT
+        except Refusal as refusal:  # not authenticated, or from extract_data_from_request: the request could not be read
+            code = {401: UNAUTHENTICATED, 403: FORBIDDEN, 413: REQUEST_TOO_LARGE}.get(refusal.status, BAD_USER_INPUT)
             return JSONResponse({"errors": [{"message": refusal.reason, "extensions": {"code": code}}]}, status_code=refusal.status)
+
+    async def create_json_response(self, request: Request, result: dict, success: bool) -> Response:
+        codes = {(error.get("extensions") or {}).get("code") for error in result.get("errors") or ()}
+        if len(codes) == 1 and (status := _STATUS_OF_CODE.get(codes.pop())) is not None:
+            return JSONResponse(result, status_code=status)
+        return await super().create_json_response(request, result, success)
 
     async def extract_data_from_request(self, request: Request) -> Any:
         media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -176,21 +196,54 @@ def format_error(error: GraphQLError, debug: bool = False) -> dict:
 
 
 def _caller(access: DataAccess, connection: Any, _data: Any) -> Caller:
-    """The context of one operation: the data of the tenant the connection names."""
-    headers: Mapping[str, Any] = connection.headers
-    params = connection.scope.get(_CONNECTION_PARAMS)
-    if isinstance(params, Mapping):
-        nested = params.get("headers")
-        given = nested if isinstance(nested, Mapping) else params
-        headers = {**headers, **{str(name).lower(): value for name, value in given.items()}}
-    try:
-        return Caller(access.scoped(caller_tenant(headers)))
-    except Refusal as refusal:
-        return Caller(None, refusal.reason)
+    """The context of one operation: the data of the caller the connection was authenticated as."""
+    if isinstance(connection, Request):
+        principal: Principal = getattr(connection.state, _PRINCIPAL)
+    else:
+        principal = connection.scope[_PRINCIPAL]
+    return Caller(access.scoped(principal, client_address(connection)))
 
 
-def _keep_connection_params(websocket: Any, payload: Any) -> None:
-    websocket.scope[_CONNECTION_PARAMS] = payload
+class _WebSocketHandler(GraphQLTransportWSHandler):
+    """graphql-transport-ws, with the caller authenticated at ``connection_init`` (module docstring)."""
+
+    def __init__(self, authenticator: Authenticator):
+        super().__init__()
+        self._authenticator = authenticator
+
+    async def handle_websocket_connection_init_message(self, websocket: Any, message: dict, client_context: Any) -> None:
+        if not client_context.connection_init_received:
+            params = message.get("payload")
+            headers: Mapping[str, Any] = websocket.headers
+            if isinstance(params, Mapping):
+                nested = params.get("headers")
+                given = nested if isinstance(nested, Mapping) else params
+                headers = {**headers, **{str(name).lower(): value for name, value in given.items()}}
+            try:
+                websocket.scope[_PRINCIPAL] = self._authenticator.caller(headers)
+            except Refusal as refusal:
+                await websocket.close(code=4403, reason=refusal.reason[:120])
+                return
+        await super().handle_websocket_connection_init_message(websocket, message, client_context)
+
+
+def _roles_of(principal: Principal) -> type[ValidationRule]:
+    """A validation rule refusing (FORBIDDEN) each root field ``principal``'s role may not use."""
+
+    class Roles(ValidationRule):
+        def enter_field(self, node: Any, *_args: Any) -> None:
+            parent = self.context.get_parent_type()
+            needed = REQUIRED_ROLES.get((parent.name, node.name.value)) if parent is not None else None
+            if needed is not None and not principal.role.allows(needed):
+                self.report_error(
+                    GraphQLError(
+                        f"{node.name.value} needs the {needed.value} role; this token's role is {principal.role.value}",
+                        node,
+                        extensions={"code": FORBIDDEN},
+                    )
+                )
+
+    return Roles
 
 
 def _validate(graphql_schema: GraphQLSchema, document: Any, rules: Any = None, max_errors: int | None = None, **kwargs: Any) -> list[GraphQLError]:

@@ -21,8 +21,13 @@ Routing is the DataRouter's rule (``streaming.routes`` by data type):
 - ``batch``: appended to the lakehouse ``events`` table (the writer's ``submit(rows).result()``,
   idempotent by ``(tenant, event id)``).
 
+PII is tokenized first (``security.pii``), before validation and before anything is handed on: the
+log, the lakehouse and the consumers only ever see tokens. The token vault
+(``security.tokenvault``) stores the accepted events' tokens before the log append or lakehouse
+write, so no token is stored anywhere without its vault entry.
+
 Both ``ingest_*`` return only once everything accepted is durable (the log's ``append`` returned,
-the lakehouse write is done); if the log or the lakehouse cannot take it now they raise
+the lakehouse write is done); if the vault, the log or the lakehouse cannot take it now they raise
 ``Refusal(503, reason, retry_after_s)``, and the client sends the request again. Thread-safe: the
 Ingress calls them from several worker threads at once.
 """
@@ -31,15 +36,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import orjson
 
 from lakehouse.writer import BatchingWriter
-from rtml.schemas import DataType, Event, Refusal, validate_events
+from rtml.schemas import DataType, Event, Refusal, ScoreRequest, validate_events
 from rtml.settings import Settings
+from security.pii import Tokenizer, VaultEntry
+from security.tokenvault import TokenVault
 from streaming.eventlog import EventLogUnavailable, EventLogWriter, LogRecord, open_event_log_writer
 from streaming.failures import passes_later
 from streaming.router import DataRouter, event_columns, frame_array, frame_headers
@@ -121,10 +128,11 @@ def _ndjson_line(line: bytes) -> Any:
 class Ingestor:
     """What ``POST /v1/events`` and ``/v1/events/binary`` do with a parsed request (module
     docstring). ``events_writer`` opens the lakehouse ``events`` writer, on the first batch-path
-    event. The Ingestor owns both: ``close`` closes the log and that writer."""
+    event. The Ingestor owns both, and the token vault it opens: ``close`` closes all three."""
 
     def __init__(self, settings: Settings, log: EventLogWriter, events_writer: Callable[[], BatchingWriter]):
         self._routes = DataRouter(settings.streaming.routes, settings.streaming.land_stream_events).routes
+        self._pii = PiiFirstHop(settings)
         self._log = log
         self._open_writer = events_writer
         self._writer: BatchingWriter | None = None
@@ -149,28 +157,34 @@ class Ingestor:
         reasons: list[str | None] = [None] * len(documents)
         candidates: list[int] = []
         scoped: list[dict] = []
+        found: list[list[VaultEntry]] = []
         for i, document in enumerate(documents):
             reason = document.reason if isinstance(document, Unparsed) else _scope_problem(document, tenant)
             if reason is None:
                 candidates.append(i)
-                scoped.append(document if "tenant" in document else {**document, "tenant": tenant})
+                tokenized = self._pii.tokenizer.tokenize(tenant, document if "tenant" in document else {**document, "tenant": tenant})
+                scoped.append(tokenized.document)
+                found.append(tokenized.entries)
             reasons[i] = reason
         events, problems = validate_events(scoped)
         stream: list[LogRecord] = []
         batch: list[Event] = []
+        entries: list[VaultEntry] = []
         event_ids: list[str | None] = [None] * len(documents)
-        for i, document, event, problem in zip(candidates, scoped, events, problems):
+        for i, document, event, problem, event_entries in zip(candidates, scoped, events, problems, found):
             if event is None:
                 reasons[i] = problem
             elif event.data_type is DataType.IMAGE:
                 reasons[i] = "image events must arrive as binary frames (POST /v1/events/binary)"
             else:
                 event_ids[i] = event.event_id
+                entries += event_entries
                 if self._routes[event.data_type.value] == "stream":
                     value = orjson.dumps({**document, "event_id": event.event_id})
                     stream.append(LogRecord(record_key(event.tenant, event.entity), value))
                 else:
                     batch.append(event)
+        self._pii.store(tenant, entries)
         self._hand_on(tenant, stream, batch, [None] * len(batch))
         rejected = [Rejected(i, reason) for i, reason in enumerate(reasons) if reason is not None]
         return Ingested(len(stream) + len(batch), rejected, event_ids)
@@ -187,11 +201,18 @@ class Ingestor:
         event: Event | None = None
         if reason is None:
             document.setdefault("tenant", tenant)
+            tokenized = self._pii.tokenizer.tokenize(tenant, document)
+            document = tokenized.document
             (event,), (reason,) = validate_events([document])
         if event is not None and event.data_type is DataType.IMAGE and isinstance(problem := frame_array(event.attributes, frame), str):
             reason = problem
         if reason is not None or event is None:
             return Ingested(0, [Rejected(0, reason or "not an event")], [None])
+        entries = tokenized.entries
+        if event.data_type is DataType.RECORD:  # a free-form body; an image's pixels are not text
+            frame, body_entries = self._pii.tokenizer.tokenize_bytes(bytes(frame), tokenized.subject_token)
+            entries = entries + body_entries
+        self._pii.store(tenant, entries)
         if self._routes[event.data_type.value] == "stream":
             fields_header = {**document, "event_id": event.event_id, "attributes": event.attributes}
             self._hand_on(tenant, [LogRecord(record_key(event.tenant, event.entity), bytes(frame), frame_headers(fields_header))], [], [])
@@ -230,8 +251,9 @@ class Ingestor:
             return self._writer
 
     def close(self) -> None:
-        """Close the log, and write what is buffered for ``events`` and close its writer."""
+        """Close the log and the token vault, and write what is buffered for ``events`` and close its writer."""
         self._log.close()
+        self._pii.close()
         with self._writer_lock:
             if self._writer is not None:
                 self._writer.close()
@@ -279,3 +301,59 @@ def _frame_shape(text: str) -> list[int] | str:
         return [int(part) for part in parts]
     except ValueError:
         return text
+
+
+class PiiFirstHop:
+    """Tokenization where rtml first holds a request's data (``security.pii``), and the token vault
+    that must hold every token before anything carrying it is handed on. Thread-safe; the vault is
+    opened on first use."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self.tokenizer = Tokenizer(settings)
+        self._vault: TokenVault | None = None
+        self._lock = threading.Lock()
+        self._retry_after_s = settings.serving.retry_after_s
+
+    @property
+    def vault(self) -> TokenVault:
+        """The token vault (opened now if it was not)."""
+        with self._lock:
+            if self._vault is None:
+                self._vault = TokenVault.open(self._settings)
+            return self._vault
+
+    def store(self, tenant: str, entries: list[VaultEntry]) -> None:
+        """Keep ``entries`` in the token vault, or raise ``Refusal(503)`` when it cannot take them now."""
+        if not entries:
+            return
+        try:
+            self.vault.store(tenant, entries)
+        except Exception as error:
+            if not passes_later(error):
+                raise
+            raise Refusal(
+                503, f"the token vault cannot store this request's tokens now ({type(error).__name__}); send the request again later", self._retry_after_s
+            ) from error
+
+    def score_request(self, request: ScoreRequest) -> ScoreRequest:
+        """``request`` with its entities, event ids and subjects tokenized as an event's would be
+        (their vault entries stored first)."""
+        if request.entities is None and request.event_ids is None and request.subjects is None:
+            return request
+        size = len(request)
+        columns = {"entity": request.entities, "event_id": request.event_ids, "subject": request.subjects}
+        entries: list[VaultEntry] = []
+        tokenized: dict[str, list] = {name: [] for name, values in columns.items() if values is not None}
+        for i in range(size):
+            document = {name: values[i] for name, values in columns.items() if values is not None and values[i] is not None}
+            result = self.tokenizer.tokenize(request.tenant, document)
+            entries += result.entries
+            for name in tokenized:
+                tokenized[name].append(result.document.get(name, columns[name][i]))
+        self.store(request.tenant, entries)
+        return replace(request, entities=tokenized.get("entity"), event_ids=tokenized.get("event_id"), subjects=tokenized.get("subject"))
+
+    def close(self) -> None:
+        if self._vault is not None:
+            self._vault.close()

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from api.tenancy import TENANT_HEADER
-from rtml.schemas import Event
+from api.tenancy import JWKS_PATH
+from rtml.schemas import TENANT_PATTERN, Event
 from rtml.settings import Settings
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
@@ -24,12 +24,12 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-_TENANT = {
-    "name": TENANT_HEADER,
-    "in": "header",
-    "required": True,
-    "description": "The caller's tenant (1-64 letters, digits, '_', '.' or '-'). Every event is written for it.",
-    "schema": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$", "minLength": 1, "maxLength": 64},
+_TENANT_SCHEMA = {"type": "string", "pattern": TENANT_PATTERN, "minLength": 1, "maxLength": 64}
+# Every route but the public ones takes a bearer token (security.tokens): the caller's tenant and role.
+_BEARER = [{"bearerAuth": []}]
+_UNAUTHORIZED = {
+    "401": _error("No bearer token, or one that is not valid (expired, wrong issuer or audience, bad signature)."),
+    "403": _error("The token's role may not do this, or the request names another tenant than the token's."),
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 _INGEST_RESPONSES = {
@@ -42,7 +42,7 @@ _INGEST_RESPONSES = {
         # anyOf, not oneOf: an Ingested answer with nothing accepted also carries an "error", so it is an Error too.
         "content": {"application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/Ingested"}, {"$ref": "#/components/schemas/Error"}]}}},
     },
-    "401": _error("No or an invalid tenant header."),
+    **_UNAUTHORIZED,
     "413": _error("The body, or its number of events, is over the limit."),
     "415": _error("An unsupported content type."),
     "429": {**_error("The tenant is over its rate limit."), "headers": _RETRY_AFTER},
@@ -81,7 +81,7 @@ def _document(route_prefix: str) -> bytes:
         "type": "object",
         "description": "One window (`window`) or a batch (`windows`) to score; see deployments/wire.py.",
         "properties": {
-            "tenant": _TENANT["schema"],
+            "tenant": {**_TENANT_SCHEMA, "description": "Default: the token's tenant; another is refused (403)."},
             "data_type": {"type": "string", "enum": ["metric", "image"]},
             "window": window,
             "windows": {"type": "array", "items": window, "minItems": 1},
@@ -94,7 +94,6 @@ def _document(route_prefix: str) -> bytes:
             "subject": {"type": "string"},
             "subjects": {"type": "array", "items": {"type": ["string", "null"]}},
         },
-        "required": ["tenant"],
     }
     frame_headers = [
         {"name": "x-rtml-entity", "in": "header", "required": True, "description": "The series the frame belongs to.", "schema": {"type": "string"}},
@@ -110,7 +109,7 @@ def _document(route_prefix: str) -> bytes:
             "post": {
                 "summary": "Ingest events: one JSON object, a JSON array of them, or NDJSON (one per line).",
                 "operationId": "ingestEvents",
-                "parameters": [_TENANT],
+                "security": _BEARER,
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -125,7 +124,8 @@ def _document(route_prefix: str) -> bytes:
             "post": {
                 "summary": "Ingest one binary frame (an image event); its fields travel in headers.",
                 "operationId": "ingestFrame",
-                "parameters": [_TENANT, *frame_headers],
+                "security": _BEARER,
+                "parameters": frame_headers,
                 "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                 "responses": _INGEST_RESPONSES,
             }
@@ -134,8 +134,9 @@ def _document(route_prefix: str) -> bytes:
             "post": {
                 "summary": "Score windows with the tenant's ensemble (JSON, .npy or Arrow IPC).",
                 "operationId": "predict",
+                "security": _BEARER,
                 "parameters": [
-                    {"name": "tenant", "in": "query", "required": False, "description": "The tenant, for binary bodies.", "schema": _TENANT["schema"]},
+                    {"name": "tenant", "in": "query", "required": False, "description": "The tenant (default: the token's; another is refused).", "schema": _TENANT_SCHEMA},
                     {"name": "data_type", "in": "query", "required": False, "schema": {"type": "string", "enum": ["metric", "image"]}},
                     {"name": "entity", "in": "query", "required": False, "schema": {"type": "string"}},
                 ],
@@ -150,6 +151,7 @@ def _document(route_prefix: str) -> bytes:
                 "responses": {
                     "200": {"description": "Per-model scores, the ensemble score and decision, model versions, weights and prediction ids.", "content": {"application/json": {"schema": {"type": "object"}}}},
                     "400": _error("The request is not a valid predict request."),
+                    **_UNAUTHORIZED,
                     "404": _error("The tenant has no active model for the data type."),
                     "413": _error("Too many windows or too large a body."),
                     "415": _error("An unsupported content type."),
@@ -162,7 +164,7 @@ def _document(route_prefix: str) -> bytes:
             "post": {
                 "summary": "The GraphQL API (also over WebSocket, graphql-transport-ws); `rtml api schema` prints its SDL.",
                 "operationId": "graphql",
-                "parameters": [_TENANT],
+                "security": _BEARER,
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -178,6 +180,8 @@ def _document(route_prefix: str) -> bytes:
                 "responses": {
                     "200": {"description": "`data` and/or `errors` (each with `extensions.code`).", "content": {"application/json": {"schema": {"type": "object"}}}},
                     "400": {"description": "Not a GraphQL request, or one that does not validate.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "401": {"description": "No valid bearer token (UNAUTHENTICATED).", "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "403": {"description": "A field the token's role may not use (FORBIDDEN).", "content": {"application/json": {"schema": {"type": "object"}}}},
                 },
             }
         },
@@ -189,13 +193,20 @@ def _document(route_prefix: str) -> bytes:
                 "responses": {"200": {"description": "Healthy.", "content": {"application/json": {"schema": {"type": "object"}}}}, "503": _error("The router does not answer.")},
             }
         },
+        JWKS_PATH: {
+            "get": {
+                "summary": "The public keys (JWKS) API tokens are verified with.",
+                "operationId": "jwks",
+                "responses": {"200": {"description": "A JSON Web Key Set.", "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }
+        },
     }
     document = {
         "openapi": "3.1.0",
         "info": {"title": "rtml", "version": "1", "description": "Real-time ML serving: ingestion, scoring and the GraphQL API."},
         "servers": [{"url": route_prefix.rstrip("/") or "/"}],
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
     }
     return orjson.dumps(document)
 

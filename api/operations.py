@@ -1,5 +1,5 @@
 """What the API's data layer asks of the running app: the operations that go through the model
-routers rather than straight to the lakehouse.
+routers (or the agents' deployments, for an erasure) rather than straight to the lakehouse.
 
 ``api.data`` depends on this interface only; the Serve app implements it over its router handle
 and ``deployments.control`` (the deployments layer), tests implement it in-process. Every method is
@@ -10,7 +10,7 @@ itself, 5xx: the app cannot do it right now and may later).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from rtml.schemas import Feedback, ModelVersion
@@ -18,7 +18,25 @@ from rtml.schemas import Feedback, ModelVersion
 RolloutMode = Literal["canary", "shadow"]
 
 
-class Operations(Protocol):
+class AgentStores(Protocol):
+    """The agents' stores an erasure reaches (``api.erasure``): the app's own, through its
+    SearchAgent, GraphAgent and AgentGraph (``Operations``), or, outside a running app, the ones
+    this process opens (``api.erasure.LocalAgentStores``). Each takes its targets per tenant and
+    touches no store when given none; a store that cannot be reached raises."""
+
+    async def erase_documents(self, documents: Mapping[str, Sequence[str]]) -> int:
+        """Delete search documents (per tenant, their ids); returns how many the index held."""
+
+    async def erase_entities(self, entities: Mapping[str, Sequence[str]]) -> int:
+        """Delete graph entities (per tenant) with their dependencies; returns how many the graph held."""
+
+    async def forget_anomalies(self, predictions: Mapping[str, Sequence[str]], events: Mapping[str, Sequence[str]]) -> int | None:
+        """Drop the open incidents (with their runs and recent enrichments) that name these
+        predictions or events (per tenant, their ids: ``agents.explainer.Explainer.forget``);
+        returns how many it dropped, or None where no incidents are held (outside a running app)."""
+
+
+class Operations(AgentStores, Protocol):
     async def feedback(self, items: Sequence[Feedback]) -> list[dict]:
         """Apply verdicts, all of one tenant, as ``deployments.router.ModelRouter.feedback`` does:
         per item ``{"prediction_id", "weights": {model key: weight}, "online_accuracy": {model key:

@@ -16,23 +16,32 @@ from typing import Any
 import graphene
 from graphql import FieldNode, FragmentSpreadNode, GraphQLResolveInfo, InlineFragmentNode, SelectionSetNode
 
-from api.data import BAD_USER_INPUT, DEFAULT_PAGE_SIZE, UNAUTHENTICATED, ApiError, Page, PredictionFilter, TenantData, Verdict
+from api.data import BAD_USER_INPUT, DEFAULT_PAGE_SIZE, ApiError, Page, PredictionFilter, TenantData, Verdict
 from rtml.schemas import SHADOW_PREFIX
 from rtml.schemas import ModelStatus as ModelStatusValue
+from security.tokens import Role
 
 
 class Caller:
-    """The GraphQL context of one request: its tenant's data, or why it has none (resolvers that
-    need data then fail with UNAUTHENTICATED; introspection needs none)."""
+    """The GraphQL context of one request: the data of the authenticated caller's tenant."""
 
-    def __init__(self, data: TenantData | None, refusal: str | None = None):
-        self._data, self._refusal = data, refusal
+    def __init__(self, data: TenantData):
+        self.data = data
 
-    @property
-    def data(self) -> TenantData:
-        if self._data is None:
-            raise ApiError(UNAUTHENTICATED, self._refusal or "no tenant")
-        return self._data
+
+# The role each root field needs beyond reader (``security.tokens.Role``), by GraphQL type and
+# field name; ``api.graphql`` refuses an operation that selects one the caller's role lacks
+# before anything runs (FORBIDDEN, HTTP 403).
+REQUIRED_ROLES: dict[tuple[str, str], Role] = {
+    ("Query", "auditEntries"): Role.ADMIN,
+    ("Mutation", "submitFeedback"): Role.WRITER,
+    ("Mutation", "promoteModel"): Role.ADMIN,
+    ("Mutation", "setEnsembleWeights"): Role.ADMIN,
+    ("Mutation", "startRollout"): Role.ADMIN,
+    ("Mutation", "endRollout"): Role.ADMIN,
+    ("Mutation", "requestErasure"): Role.ADMIN,
+    ("Mutation", "revealToken"): Role.ADMIN,
+}
 
 
 def _data(info: GraphQLResolveInfo) -> TenantData:
@@ -441,13 +450,22 @@ class TableErasure(graphene.ObjectType):
     blobs_deleted = graphene.Int(required=True, description="Large payloads deleted.")
 
 
+class StoreErasure(graphene.ObjectType):
+    class Meta:
+        description = "What an erasure removed from one store."
+
+    store = graphene.String(required=True, description="The store: incidents, search, graph, token vault, replica <name> or lakehouse.")
+    removed = graphene.Int(required=True, description="What it removed there: incidents, documents, entities, vault entries or rows.")
+
+
 class ErasureReport(graphene.ObjectType):
     class Meta:
-        description = "The result of an erasure of a data subject within the tenant."
+        description = "The result of an erasure of a data subject within the tenant, in every store."
 
     subject_digest = graphene.String(required=True, description="The digest the audit trail and the tombstone name it by.")
-    rows_removed = graphene.Int(required=True, description="Rows removed over all tables.")
-    tables = graphene.List(graphene.NonNull(TableErasure), required=True, description="Per table.")
+    rows_removed = graphene.Int(required=True, description="Rows removed from the lakehouse's tables.")
+    tables = graphene.List(graphene.NonNull(TableErasure), required=True, description="Per table of the lakehouse.")
+    stores = graphene.List(graphene.NonNull(StoreErasure), required=True, description="Per store, in the order erased.")
 
 
 # inputs ---------------------------------------------------------------------------------------
@@ -522,7 +540,7 @@ _MODEL_ARG = "Only predictions a model scored: a model line's name, or `name@ver
 
 class Query(graphene.ObjectType):
     class Meta:
-        description = "Reads, all within the caller's tenant (the x-rtml-tenant header)."
+        description = "Reads, all within the caller's tenant (the one its bearer token names)."
 
     tenant = graphene.String(required=True, description="The tenant this request is scoped to.")
     predictions = graphene.Field(
@@ -681,9 +699,21 @@ class Mutation(graphene.ObjectType):
     request_erasure = graphene.Field(
         ErasureReport,
         required=True,
-        description="Erase the tenant's rows about a data subject from every table and snapshot (audited).",
+        description="Erase the tenant's data about a data subject from every store: lakehouse tables and snapshots, "
+        "replicas, search index, graph, token vault, open incidents (one audit entry).",
         subject=graphene.String(required=True, description="The data subject's id, as the rows' `subject` holds it."),
     )
+
+    reveal_token = graphene.String(
+        required=True,
+        description="The value a personal-data token of the tenant stands for (admin role; audited). A POST-only mutation, "
+        "so that the value never travels in a URL.",
+        token=graphene.String(required=True, description="The token, `tok_<kind>_...`, as stored in place of the value."),
+    )
+
+    @staticmethod
+    async def resolve_reveal_token(root, info, token):
+        return await _data(info).reveal_token(token)
 
     @staticmethod
     async def resolve_submit_feedback(root, info, verdicts):

@@ -49,6 +49,8 @@ from benchmarks.results import RESULTS_FILE, machine, write_section
 from benchmarks.serve import RAY_ENVS, _free_port, _haproxy_of_its_own, _stats, cpu_seconds, cpu_spent
 
 TENANT = "bench"  # the ingestion and subscription tenant (its models are trained on the fresh home)
+TOKEN_TTL_S = 86400.0  # the bench's bearer tokens outlive any run
+JSON_BODY = {"content-type": "application/json"}
 KINDS = ("rnn", "cnn")
 ENTITIES = 10
 SPIKE = 500.0  # far outside the generated series (about 10 +- 3): the ensemble flags it
@@ -331,11 +333,34 @@ def measure_direct(demo_home: Path, repeats: int) -> dict[str, Any]:
 # the apps (child process) -----------------------------------------------------------------------------
 
 
-def _bench_settings(home: Path, app_name: str, port: int, run_stream: bool, kinds: tuple[str, ...]):
+def _shared_security(security, secrets_dir: Path):
+    """``security`` reading its secrets from ``secrets_dir``, into which a fresh P-256 signing key is
+    written: every app given it verifies the tokens of one ``TokenAuthority``, whatever its home."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from security.tokens import SIGNING_KEY_SECRET
+
+    security = security.model_copy(update={"secrets_provider": "file", "secrets_dir": str(secrets_dir.resolve())})
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path = secrets_dir / SIGNING_KEY_SECRET.format(kid=security.jwt_key_id)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+        file.write(pem)
+    return security
+
+
+def _bearer(token: str) -> dict[str, str]:
+    """The headers (or ``connection_init`` payload) of a request made with ``token``."""
+    return {"authorization": f"Bearer {token}"}
+
+
+def _bench_settings(home: Path, app_name: str, port: int, run_stream: bool, kinds: tuple[str, ...], security):
     from rtml.settings import Settings
 
     return Settings(
         home=home.resolve(),
+        security=security,
         # No rate limit: full speed must measure the server, not the tenant's limit (50,000 events/s
         # by default, which the first runs of this bench met: answers of 429).
         api={"default_rate_limit": None},
@@ -344,13 +369,13 @@ def _bench_settings(home: Path, app_name: str, port: int, run_stream: bool, kind
     )
 
 
-def _wait_until_serving(base: str, tenant: str) -> None:
+def _wait_until_serving(base: str, token: str) -> None:
     import httpx
 
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         try:
-            answer = httpx.post(f"{base}/graphql", json={"query": "{ tenant }"}, headers={"x-rtml-tenant": tenant}, timeout=10)
+            answer = httpx.post(f"{base}/graphql", json={"query": "{ tenant }"}, headers=_bearer(token), timeout=10)
             if answer.status_code == 200:
                 return
         except httpx.HTTPError:
@@ -359,11 +384,11 @@ def _wait_until_serving(base: str, tenant: str) -> None:
     raise RuntimeError(f"{base}/graphql did not answer within {WAIT_S:.0f}s")
 
 
-def measure_graphql(base: str, tenant: str, queries: dict[str, tuple[str, dict]], repeats: int) -> dict[str, tuple[Timing, int]]:
+def measure_graphql(base: str, token: str, queries: dict[str, tuple[str, dict]], repeats: int) -> dict[str, tuple[Timing, int]]:
     import httpx
 
     results = {}
-    with httpx.Client(headers={"x-rtml-tenant": tenant}, timeout=60) as client:
+    with httpx.Client(headers=_bearer(token), timeout=60) as client:
         for name, (query, variables) in queries.items():
 
             def ask(query=query, variables=variables) -> dict:
@@ -378,7 +403,7 @@ def measure_graphql(base: str, tenant: str, queries: dict[str, tuple[str, dict]]
     return results
 
 
-async def _post_batches(url: str, bodies: list[bytes], clients: int, seconds: float, warmup_s: float) -> tuple[list[float], dict[str, int], float]:
+async def _post_batches(url: str, token: str, bodies: list[bytes], clients: int, seconds: float, warmup_s: float) -> tuple[list[float], dict[str, int], float]:
     """Closed loop: ``clients`` clients post the bodies round-robin for ``warmup_s`` + ``seconds``;
     the latencies, the answers other than 202 by status, and the elapsed seconds of the measured part."""
     import aiohttp
@@ -386,7 +411,7 @@ async def _post_batches(url: str, bodies: list[bytes], clients: int, seconds: fl
     latencies: list[float] = []
     errors: dict[str, int] = {}
     state = {"next": 0, "measuring": False}
-    headers = {"content-type": "application/json", "x-rtml-tenant": TENANT}
+    headers = JSON_BODY | _bearer(token)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=aiohttp.ClientTimeout(total=60)) as session:
         stop_at = time.perf_counter() + warmup_s + seconds
 
@@ -414,13 +439,13 @@ async def _post_batches(url: str, bodies: list[bytes], clients: int, seconds: fl
         return latencies, errors, time.perf_counter() - started
 
 
-async def _offer_batches(url: str, bodies: list[bytes], batches_per_s: float, seconds: float) -> tuple[list[float], int]:
+async def _offer_batches(url: str, token: str, bodies: list[bytes], batches_per_s: float, seconds: float) -> tuple[list[float], int]:
     """Open loop: one batch every 1 / ``batches_per_s`` seconds for ``seconds``, each sent at its
     time on its own task; latencies from the scheduled times (``open_loop_latencies``)."""
     import aiohttp
 
     count = max(1, int(batches_per_s * seconds))
-    headers = {"content-type": "application/json", "x-rtml-tenant": TENANT}
+    headers = JSON_BODY | _bearer(token)
     answered: list[float | None] = [None] * count
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=60)) as session:
         started = time.perf_counter() + 0.1
@@ -443,14 +468,14 @@ async def _offer_batches(url: str, bodies: list[bytes], batches_per_s: float, se
     return open_loop_latencies(scheduled, answered)
 
 
-def measure_ingestion(base: str, batch: int, clients: int, seconds: float) -> dict[str, Any]:
+def measure_ingestion(base: str, token: str, batch: int, clients: int, seconds: float) -> dict[str, Any]:
     start = datetime.now(timezone.utc) - timedelta(days=1)
     bodies = [orjson.dumps(metric_batch("http", i, batch, start)) for i in range(64)]
     url = f"{base}/v1/events"
     warmup_s = min(3.0, seconds / 3)
     before = cpu_seconds(os.getpid())
     client_started = time.process_time()
-    latencies, errors, elapsed = asyncio.run(_post_batches(url, bodies, clients, seconds, warmup_s))
+    latencies, errors, elapsed = asyncio.run(_post_batches(url, token, bodies, clients, seconds, warmup_s))
     client_cpu = (time.process_time() - client_started) * seconds / (seconds + warmup_s)
     spent = cpu_spent(before, cpu_seconds(os.getpid()))  # includes the warm-up: scaled like the client's
     batches = max(len(latencies), 1)
@@ -458,7 +483,7 @@ def measure_ingestion(base: str, batch: int, clients: int, seconds: float) -> di
     cpu = {name.removeprefix("ray::"): round(1000.0 * used * scale / batches, 2) for name, used in list(spent.items())[:6]}
     events_per_s = len(latencies) * batch / elapsed
     offered = events_per_s / 2
-    half, missed = asyncio.run(_offer_batches(url, bodies, offered / batch, seconds))
+    half, missed = asyncio.run(_offer_batches(url, token, bodies, offered / batch, seconds))
     return {
         "full_events_per_s": events_per_s,
         "full": asdict(Timing.of(latencies, sum(errors.values()))),
@@ -470,7 +495,7 @@ def measure_ingestion(base: str, batch: int, clients: int, seconds: float) -> di
     }
 
 
-async def _subscribe_and_post(base: str, rounds: int, entities: int, history: int, normal: int) -> tuple[list[tuple[float, dict]], dict[str, float], int]:
+async def _subscribe_and_post(base: str, reader: str, writer: str, rounds: int, entities: int, history: int, normal: int) -> tuple[list[tuple[float, dict]], dict[str, float], int]:
     import aiohttp
     import websockets
 
@@ -479,9 +504,9 @@ async def _subscribe_and_post(base: str, rounds: int, entities: int, history: in
     received: list[tuple[float, dict]] = []
     posted: dict[str, float] = {}  # a measured round's event-id prefix -> its POST acknowledged
     start = datetime.now(timezone.utc) - timedelta(seconds=history + rounds * (normal + 1) + 60)
-    headers = {"content-type": "application/json", "x-rtml-tenant": TENANT}
+    headers = JSON_BODY | _bearer(writer)
     async with websockets.connect(ws_url, subprotocols=["graphql-transport-ws"]) as socket:
-        await socket.send(json.dumps({"type": "connection_init", "payload": {"x-rtml-tenant": TENANT}}))
+        await socket.send(json.dumps({"type": "connection_init", "payload": _bearer(reader)}))
         if json.loads(await socket.recv())["type"] != "connection_ack":
             raise RuntimeError("the subscription was not acknowledged")
         await socket.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": query}}))
@@ -507,24 +532,24 @@ async def _subscribe_and_post(base: str, rounds: int, entities: int, history: in
             # Warm-up (not measured): each entity's history and a spike, so that windows are full and
             # every model, the sink and the feed have done their first work; then one round per second.
             await post(spiked_round("warm", 0, entities, history, start, 0))
-            await _scored(session, base, f"pump-{entities - 1}", f"warm-r0-e{entities - 1}-{history}")
+            await _scored(session, base, reader, f"pump-{entities - 1}", f"warm-r0-e{entities - 1}-{history}")
             for index in range(rounds):
                 await post(spiked_round("measured", index, entities, normal, start, history + 1 + index * (normal + 1)))
                 posted[f"measured-r{index}-"] = time.time()
                 await asyncio.sleep(1.0)
-            await _scored(session, base, f"pump-{entities - 1}", f"measured-r{rounds - 1}-e{entities - 1}-{normal}")
+            await _scored(session, base, reader, f"pump-{entities - 1}", f"measured-r{rounds - 1}-e{entities - 1}-{normal}")
             await asyncio.sleep(3.0)  # the feed items of the last commit
         listening.cancel()
     return received, posted, rounds * entities
 
 
-async def _scored(session, base: str, entity: str, event_id: str) -> None:
+async def _scored(session, base: str, token: str, entity: str, event_id: str) -> None:
     """Wait until the app's stream has scored ``event_id`` (``entity``'s newest event) and made it
     durable, as GraphQL reads it."""
     query = {"query": "query($e: String) { predictions(entity: $e, first: 1) { edges { node { eventId } } } }", "variables": {"e": entity}}
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        async with session.post(f"{base}/graphql", json=query, headers={"x-rtml-tenant": TENANT}) as answer:
+        async with session.post(f"{base}/graphql", json=query, headers=_bearer(token)) as answer:
             edges = (await answer.json())["data"]["predictions"]["edges"] if answer.status == 200 else []
         if edges and edges[0]["node"]["eventId"] == event_id:
             return
@@ -540,17 +565,22 @@ def run_apps(demo_home: Path, clients: int, seconds: float, batch: int, repeats:
     from deployments import control
     from deployments.demo_models import ensure_demo_tenant
     from lakehouse import Lakehouse
+    from security.tokens import TokenAuthority
     from streaming.demo import DEMO_KINDS
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     demo_settings, _, tenant, entity, start, end, _ = demo_lakehouse(demo_home)
-    demo = demo_settings.model_copy(
-        update={"serving": demo_settings.serving.model_copy(update={"http_port": port, "model_kinds": DEMO_KINDS, "run_stream": False, "app_name": "rtml-bench-api-demo"})}
+    ingest_home, stream_home, secrets_dir = (Path(tempfile.mkdtemp(prefix=f"rtml-bench-api-{name}-")) for name in ("ingest", "stream", "secrets"))
+    security = _shared_security(demo_settings.security, secrets_dir)  # one key: every app verifies the tokens below
+    serving = {"http_port": port, "model_kinds": DEMO_KINDS, "run_stream": False, "app_name": "rtml-bench-api-demo"}
+    demo = demo_settings.model_copy(update={"serving": demo_settings.serving.model_copy(update=serving), "security": security})
+    ingest = _bench_settings(ingest_home, "rtml-bench-api-ingest", port, False, KINDS, security)
+    stream = _bench_settings(stream_home, "rtml-bench-api-stream", port, True, KINDS, security)
+    authority = TokenAuthority(demo)
+    demo_reader, reader, writer = (
+        authority.issue(who, role, subject="rtml-bench-api", ttl_s=TOKEN_TTL_S) for who, role in ((tenant, "reader"), (TENANT, "reader"), (TENANT, "writer"))
     )
-    ingest_home, stream_home = (Path(tempfile.mkdtemp(prefix=f"rtml-bench-api-{name}-")) for name in ("ingest", "stream"))
-    ingest = _bench_settings(ingest_home, "rtml-bench-api-ingest", port, False, KINDS)
-    stream = _bench_settings(stream_home, "rtml-bench-api-stream", port, True, KINDS)
     models = ensure_demo_tenant(Lakehouse.open(ingest), ingest_home / "models", ingest.models.window_length, tenant=TENANT, kinds=KINDS)
     registry = Lakehouse.open(stream).registry
     for model in models:
@@ -560,24 +590,24 @@ def run_apps(demo_home: Path, clients: int, seconds: float, batch: int, repeats:
     ray.init(num_cpus=control.cluster_cpus(stream), include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         control.deploy(demo)
-        _wait_until_serving(base, tenant)
+        _wait_until_serving(base, demo_reader)
         figures["graphql"] = {
-            name: (asdict(timing), rows) for name, (timing, rows) in measure_graphql(base, tenant, graphql_queries(entity, start, end), repeats).items()
+            name: (asdict(timing), rows) for name, (timing, rows) in measure_graphql(base, demo_reader, graphql_queries(entity, start, end), repeats).items()
         }
         serve.delete(demo.serving.app_name)
         control.deploy(ingest)
-        _wait_until_serving(base, TENANT)
-        figures["ingestion"] = measure_ingestion(base, batch, clients, seconds)
+        _wait_until_serving(base, reader)
+        figures["ingestion"] = measure_ingestion(base, writer, batch, clients, seconds)
         serve.delete(ingest.serving.app_name)
         control.deploy(stream)
-        _wait_until_serving(base, TENANT)
-        received, posted, expected = asyncio.run(_subscribe_and_post(base, rounds, 4, stream.models.window_length + 16, 10))
+        _wait_until_serving(base, reader)
+        received, posted, expected = asyncio.run(_subscribe_and_post(base, reader, writer, rounds, 4, stream.models.window_length + 16, 10))
         since_scored, since_posted = subscription_delays(received, posted)
         figures["subscription"] = {"since_scored": since_scored, "since_posted": since_posted, "expected": expected}
     finally:
         serve.shutdown()
         ray.shutdown()
-        for home in (ingest_home, stream_home):
+        for home in (ingest_home, stream_home, secrets_dir):
             shutil.rmtree(home, ignore_errors=True)
     return figures
 

@@ -8,6 +8,11 @@ are durable (``AgentGraphClient``, the pipeline's anomaly listener), and the Mod
 returns; the runs go on in the replica (``agents.explainer``). One replica: the incidents are its
 state (a restart forgets the open ones; their enrichments are in the lakehouse).
 
+An erasure (``api.erasure`` through ``deployments.operations``) reaches the stores these
+deployments own: ``SearchAgent.erase`` and ``GraphAgent.erase`` delete documents and entities (in
+the app, the only process that may open the embedded graph), ``AgentGraph.forget`` drops the
+subject's open incidents and runs.
+
 Enrichments go to the lakehouse and to the live feed's ``enrichments`` topic (GraphQL subscriptions).
 """
 
@@ -33,8 +38,10 @@ log = logging.getLogger(__name__)
 
 TICK_S = 5.0  # how often quiet incidents are looked for (wall time)
 
-SearchAgent = serve.deployment(SearchWorker, name="SearchAgent")
-GraphAgent = serve.deployment(GraphWorker, name="GraphAgent")
+SEARCH_AGENT = "SearchAgent"
+GRAPH_AGENT = "GraphAgent"
+SearchAgent = serve.deployment(SearchWorker, name=SEARCH_AGENT)
+GraphAgent = serve.deployment(GraphWorker, name=GRAPH_AGENT)
 
 
 @serve.deployment(name=AGENT_GRAPH)
@@ -60,6 +67,11 @@ class AgentGraph:
         """File the anomalous predictions under their incidents and start the runs that are due;
         returns the incidents touched, without waiting for their runs."""
         return await self._explainer.observe(predictions, watermarks or {})
+
+    async def forget(self, tenant: str, prediction_ids: list[str], event_ids: list[str]) -> int:
+        """Forget an erased subject's anomalies held in this replica (``Explainer.forget``); returns
+        how many incidents and enrichments it dropped."""
+        return self._explainer.forget(tenant, set(prediction_ids), set(event_ids))
 
     async def drain(self) -> list[dict]:
         """Wait for the runs under way; returns the enrichments this replica stored (newest last)."""

@@ -6,10 +6,18 @@ built on the replica by ``__serve_build_asgi_app__``):
   its fields in ``X-Rtml-*`` headers): ingestion into the event log or the ``events`` table
   (``api.ingest``); answered once what was accepted is durable;
 - ``/graphql``: the GraphQL API over HTTP and WebSocket (``graphql-transport-ws``; ``api.graphql``);
-- ``GET /openapi.json`` (``api.openapi``) and ``GET /healthz``.
+- ``GET /openapi.json`` (``api.openapi``), ``GET /healthz`` and ``GET /.well-known/jwks.json`` (the
+  public keys API tokens are verified with).
 
-The caller's tenant is decided in one place (``api.tenancy.caller_tenant``). Every answer is JSON;
-unknown routes and methods get a JSON 404/405, and nothing a client sends makes a 500.
+Every route but the last three is authenticated by a bearer token, in one place
+(``api.tenancy.Authenticator``): none or an invalid one is a 401, a role that may not use the
+route a 403 (predict and ingestion need ``writer``; GraphQL decides per field). The token's tenant
+is the request's: events without a tenant get it, and an event or predict request naming another
+is refused. Personal data in a request (entities, event ids, subjects, attributes) is replaced by
+keyed tokens before anything else sees it (``api.ingest.PiiFirstHop``, ``security.pii``). Each
+predict and ingestion request is recorded in the audit trail (``api.data``: who,
+tenant, which ids, from where). Every answer is JSON; unknown routes and methods get a JSON
+404/405, and nothing a client sends makes a 500.
 
 Predict: a request is parsed into numpy windows once, concurrent requests are batched by
 ``@serve.batch`` and each batch goes to the router in one call, so that the per-request cost on
@@ -32,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
@@ -45,15 +54,20 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from api.graphql import graphql_app
-from api.ingest import Ingested, Ingestor, parse_json_body, read_body
+from api.ingest import Ingested, Ingestor, PiiFirstHop, parse_json_body, read_body
 from api.openapi import openapi_document
 from api.ratelimit import TenantRateLimiter
-from api.tenancy import caller_tenant
+from api.tenancy import JWKS_PATH, Authenticator, client_address, require
 from deployments.calls import awaited, batch_size, call_with_retry, payload_bytes, sized
 from deployments.wire import JSON, encode_refusal, encode_result, parse_predict
 from rtml.errors import RtmlError
 from rtml.schemas import Refusal, ScoreRequest, ScoreResult
 from rtml.settings import Settings
+from security.pii import redact_logs
+from security.tokens import Principal, Role
+
+if TYPE_CHECKING:
+    from api.data import DataAccess
 
 log = logging.getLogger(__name__)
 INGRESS_CONCURRENT_BATCHES = 4
@@ -63,7 +77,7 @@ BINARY_EVENTS = "/v1/events/binary"
 GRAPHQL = "/graphql"
 OPENAPI = "/openapi.json"
 HEALTHZ = "/healthz"
-ROUTES = (f"POST {PREDICT}", f"POST {EVENTS}", f"POST {BINARY_EVENTS}", f"GET|POST {GRAPHQL}", f"GET {OPENAPI}", f"GET {HEALTHZ}")
+ROUTES = (f"POST {PREDICT}", f"POST {EVENTS}", f"POST {BINARY_EVENTS}", f"GET|POST {GRAPHQL}", f"GET {OPENAPI}", f"GET {HEALTHZ}", f"GET {JWKS_PATH}")
 HEALTH_TIMEOUT_S = 5.0
 # HTTP headers that carry a binary event's fields (POST /v1/events/binary), by event field.
 FRAME_HEADERS = {
@@ -90,6 +104,10 @@ class Ingress:
         self._score.set_batch_wait_timeout_s(self._settings.batch_wait_timeout_s)
         self._ingestor: Ingestor | None = None  # opened on the first event: predict-only replicas never pay for it
         self._limiter = TenantRateLimiter(settings.api)
+        self._authenticator = Authenticator(settings)
+        self._pii = PiiFirstHop(settings)
+        redact_logs(self._pii.tokenizer)
+        self._access: DataAccess | None = None  # made with the ASGI app
 
     def __serve_build_asgi_app__(self) -> Starlette:
         """The routes of the module docstring; Serve calls it on the replica after ``__init__``."""
@@ -98,8 +116,8 @@ class Ingress:
         from streaming.feed import open_feed
 
         settings = self._all_settings
-        access = DataAccess(settings, AppOperations(self._router, settings), open_feed(settings))
-        graphql = graphql_app(access, settings)
+        self._access = access = DataAccess(settings, AppOperations(self._router, settings), open_feed(settings), first_hop=self._pii)
+        graphql = graphql_app(access, settings, self._authenticator)
         return Starlette(
             routes=[
                 Route(PREDICT, self._predict, methods=["POST"]),
@@ -107,16 +125,32 @@ class Ingress:
                 Route(BINARY_EVENTS, self._binary_events, methods=["POST"]),
                 Route(OPENAPI, self._openapi, methods=["GET"]),
                 Route(HEALTHZ, self._health, methods=["GET"]),
+                Route(JWKS_PATH, self._jwks, methods=["GET"]),
                 Route(GRAPHQL, graphql, methods=["GET", "POST"]),
                 WebSocketRoute(GRAPHQL, graphql),
             ],
             exception_handlers={HTTPException: _http_error, Refusal: _refused},
         )
 
+    def _caller(self, request: Request, needed: Role, what: str) -> Principal:
+        principal = self._authenticator.caller(request.headers)
+        require(principal, needed, what)
+        return principal
+
+    def _audited(self, request: Request, principal: Principal, action: str, table: str, ids: list, row_count: int) -> None:
+        if self._access is not None:
+            self._access.scoped(principal, client_address(request)).record_access(action, table, [i for i in ids if i is not None], row_count)
+
     async def _predict(self, request: Request) -> Response:
         received_at = time.time()
+        principal = self._caller(request, Role.WRITER, "predicting")
         body = await read_body(request, self._settings.max_request_bytes, "serving.max_request_bytes")
-        score_request, shape = parse_predict(body, request.headers.get("content-type", JSON), request.query_params, self._settings.max_request_windows)
+        query = {"tenant": principal.tenant, **request.query_params}
+        score_request, shape = parse_predict(body, request.headers.get("content-type", JSON), query, self._settings.max_request_windows)
+        if score_request.tenant != principal.tenant:
+            raise Refusal(403, f"the request names tenant {score_request.tenant!r}; this token acts for {principal.tenant!r}")
+        if score_request.entities is not None or score_request.event_ids is not None or score_request.subjects is not None:
+            score_request = await asyncio.to_thread(self._pii.score_request, score_request)
         score_request.available_at = np.full(len(score_request), received_at)
         try:
             outcome = await asyncio.wait_for(self._score(score_request), self._settings.request_timeout_s)
@@ -124,6 +158,7 @@ class Ingress:
             return _refusal(Refusal(503, "the models are overloaded; retry later", self._settings.retry_after_s))
         if isinstance(outcome, Refusal):
             return _refusal(outcome)
+        self._audited(request, principal, "predict", "predictions", list(outcome.prediction_ids), len(score_request))
         return Response(encode_result(score_request, outcome, shape), media_type=JSON)
 
     @serve.batch(max_concurrent_batches=INGRESS_CONCURRENT_BATCHES)
@@ -132,21 +167,25 @@ class Ingress:
         return await call_with_retry(lambda: awaited(router.score_many.remote(requests)))
 
     async def _events(self, request: Request) -> Response:
-        tenant = caller_tenant(request.headers)
+        principal = self._caller(request, Role.WRITER, "ingesting events")
+        tenant = principal.tenant
         limits = self._all_settings.api
         documents = parse_json_body(await read_body(request, limits.max_ingest_bytes, "api.max_ingest_bytes"), request.headers.get("content-type", JSON))
         if len(documents) > limits.max_ingest_events:
             raise Refusal(413, f"{len(documents)} events in one request; the limit is {limits.max_ingest_events} (api.max_ingest_events): split the batch")
         await self._limiter.take(tenant, len(documents))
         ingested = await asyncio.to_thread(self._ingest().ingest_documents, tenant, documents)
+        self._audited(request, principal, "ingest", "events", ingested.event_ids, ingested.accepted)
         return _ingested(ingested)
 
     async def _binary_events(self, request: Request) -> Response:
-        tenant = caller_tenant(request.headers)
+        principal = self._caller(request, Role.WRITER, "ingesting events")
+        tenant = principal.tenant
         fields = {name: request.headers[header] for name, header in FRAME_HEADERS.items() if header in request.headers}
         frame = await read_body(request, self._all_settings.api.max_ingest_bytes, "api.max_ingest_bytes")
         await self._limiter.take(tenant, 1)
         ingested = await asyncio.to_thread(self._ingest().ingest_frame, tenant, fields, frame)
+        self._audited(request, principal, "ingest", "events", ingested.event_ids, ingested.accepted)
         return _ingested(ingested)
 
     def _ingest(self) -> Ingestor:
@@ -157,6 +196,9 @@ class Ingress:
                 log.error("cannot open the event log: %s", error)
                 raise Refusal(503, "the event log cannot take events right now; retry later", self._settings.retry_after_s) from None
         return self._ingestor
+
+    async def _jwks(self, request: Request) -> Response:
+        return Response(orjson.dumps(self._authenticator.jwks()), media_type=JSON)
 
     async def _openapi(self, request: Request) -> Response:
         return Response(openapi_document(self._all_settings), media_type=JSON)

@@ -27,10 +27,11 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -174,18 +175,7 @@ class Lakehouse:
         details: dict[str, Any] | None = None,
     ) -> None:
         """Append one row to the append-only ``audit`` table: who did what, when, to which rows."""
-        record = {
-            "audit_id": new_id(),
-            "at": utc_now(),
-            "actor": actor,
-            "action": action,
-            "table_name": table_name,
-            "row_filter": row_filter,
-            "row_count": row_count,
-            "snapshot_id": snapshot_id,
-            "details": json.dumps(details or {}, sort_keys=True, default=str),
-        }
-        self.append_idempotent(AUDIT.name, [record])
+        self.append_idempotent(AUDIT.name, [audit_record(actor, action, table_name, row_count, row_filter, snapshot_id, details)])
 
     def _prepare(self, table: str, rows: Rows) -> pa.Table:
         definition = table_def(table)
@@ -345,12 +335,22 @@ class Lakehouse:
 
     # operations --------------------------------------------------------------------------------
 
-    def erase(self, subject: str, actor: str, tenant: str | None = None) -> ErasureReport:
+    def erase(
+        self,
+        subject: str,
+        actor: str,
+        tenant: str | None = None,
+        *,
+        audit: bool = True,
+        related: Mapping[str, Collection[tuple[str, str]]] | None = None,
+    ) -> ErasureReport:
         """Delete every row about ``subject`` from every table and retained snapshot, in every
         tenant (``tenant=None``: the operator's ``rtml erase``) or only ``tenant``'s rows (a
-        tenant's own request: another tenant's subject of the same id keeps its rows); audited,
-        and a tombstone keeps later appends of the erased rows out."""
-        return erasure.erase(self, subject, actor, tenant)
+        tenant's own request: another tenant's subject of the same id keeps its rows); audited
+        (``audit=False``: by the caller, ``api.erasure``), and a tombstone keeps later appends of
+        the erased rows out. ``related``: rows derived from the subject's, by key, erased with
+        them (``lakehouse.erasure.erase``)."""
+        return erasure.erase(self, subject, actor, tenant, audit=audit, related=related)
 
     def maintain(self, retention_hours: float | None = None) -> list[MaintenanceReport]:
         """Compact small files and expire snapshots older than the retention (settings by default)."""
@@ -366,11 +366,60 @@ class Lakehouse:
             raise LakehouseError(f"the replica {target.location} is this lakehouse itself; name another catalog or namespace")
         return replication.replicate(self, target)
 
+    @classmethod
+    def open_replica(cls, settings: Settings, to: str, warehouse: str = "", *, create: bool = True) -> Lakehouse:
+        """The replica at ``to`` of the lakehouse of ``settings`` (``replica_settings``), opened as ``open`` does."""
+        return cls.open(settings.model_copy(update={"lakehouse": replica_settings(settings.lakehouse, to, warehouse, create=create)}))
+
     @property
     def location(self) -> str:
         """Which catalog, catalog name and namespace this is (for messages and replica checks)."""
         uri = backend.catalog_properties(self.settings, self._all_settings.home_dir)["uri"]
         return f"{uri} (catalog {self.settings.catalog_name!r}, namespace {self.namespace!r})"
+
+
+def audit_record(
+    actor: str,
+    action: str,
+    table_name: str,
+    row_count: int,
+    row_filter: str | None = None,
+    snapshot_id: int | None = None,
+    details: dict[str, Any] | None = None,
+    audit_id: str | None = None,
+) -> dict[str, Any]:
+    """One row of the ``audit`` table, made now, for ``Lakehouse.audit`` or a batching writer of it;
+    ``audit_id`` (default: a fresh one) is its key, so a replayed entry with the same id is kept once."""
+    return {
+        "audit_id": audit_id or new_id(),
+        "at": utc_now(),
+        "actor": actor,
+        "action": action,
+        "table_name": table_name,
+        "row_filter": row_filter,
+        "row_count": row_count,
+        "snapshot_id": snapshot_id,
+        "details": json.dumps(details or {}, sort_keys=True, default=str),
+    }
+
+
+def replica_settings(primary: LakehouseSettings, to: str, warehouse: str = "", *, create: bool = True) -> LakehouseSettings:
+    """The settings of the replica of ``primary`` at ``to``: a folder (an embedded SQLite catalog
+    and warehouse are kept in it, created when missing unless ``create`` is off, when a missing
+    one is an error: an erasure must not take an unmounted backup for an empty replica), or a
+    catalog URI (sqlite:///..., postgresql+psycopg2://... or http(s)://... for a REST catalog)
+    with its ``warehouse``."""
+    if "://" not in to:
+        folder = Path(to).expanduser().resolve()
+        if not create and not (folder / "catalog.db").is_file():
+            raise LakehouseError(f"the replica {folder} holds no lakehouse (no catalog.db): mount it, or take it out of lakehouse.replicas")
+        folder.mkdir(parents=True, exist_ok=True)
+        update = {"catalog_type": "sql", "catalog_uri": f"sqlite:///{folder / 'catalog.db'}", "warehouse": str(folder / "warehouse")}
+    elif not warehouse:
+        raise LakehouseError(f"the replica {to} is a catalog URI: name its warehouse too (--warehouse PATH_OR_URI, or the replica's `warehouse`)")
+    else:
+        update = {"catalog_type": "rest" if to.startswith(("http://", "https://")) else "sql", "catalog_uri": to, "warehouse": warehouse}
+    return primary.model_copy(update={**update, "replicas": []})  # a replica has no replicas of its own
 
 
 def _require_snapshot(table: str, current: Table, snapshot_id: int | None) -> None:

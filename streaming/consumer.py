@@ -1,6 +1,7 @@
 """One stream consumer: the loop a Ray actor runs over the partitions it owns.
 
-    poll -> route (DataRouter) -> windows and features (WindowState) -> score (EnsembleClient)
+    poll -> route (DataRouter, which tokenizes PII; the token vault keeps the originals)
+         -> windows and features (WindowState) -> score (EnsembleClient)
          -> hand rows to the LakehouseSink -> once durable: checkpoint, commit offsets
 
 Neither scores nor lakehouse writes are waited for: while up to ``streaming.scoring_batches_in_flight``
@@ -64,6 +65,8 @@ from observability import metrics
 from rtml.errors import RtmlError
 from rtml.schemas import DETECTOR_MEMBER, ForecastInputs, Refusal, ScoreRequest, ScoreResult, prediction_table
 from rtml.settings import Settings
+from security.pii import Tokenizer, redact_logs
+from security.tokenvault import TokenVault
 from streaming.arrow_ipc import to_ipc
 from streaming.checkpoints import Checkpoint, CheckpointStore
 from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
@@ -179,7 +182,12 @@ class StreamConsumer:
         self._sink = sink
         self._window_spec = window_spec(settings)
         self._feature_set = feature_set_version(self._window_spec)
-        self._router = DataRouter(self._streaming.routes, self._streaming.land_stream_events)
+        # PII is tokenized as records are routed, and the token vault holds the originals before
+        # any row or dead letter with their tokens is written (security.pii, security.tokenvault).
+        tokenizer = Tokenizer(settings)
+        redact_logs(tokenizer)
+        self._router = DataRouter(self._streaming.routes, self._streaming.land_stream_events, tokenizer)
+        self._vault = TokenVault.open(settings)
         self._checkpoints = CheckpointStore(
             storage_dir(self._streaming.checkpoint_dir, settings, "checkpoints"),
             spec.group,
@@ -384,6 +392,7 @@ class StreamConsumer:
         self._counts.read_delay_s.extend((time.time() - batch.available_at).tolist())
         with self._timed("window"):
             routed = self._router.route(batch, self._source.partitions)
+            self._store_tokens(routed)
             metric_events = routed.metrics
             windowed = self._state.process(
                 metric_events.keys, metric_events.event_time_us, metric_events.value, metric_events.partition, metric_events.subject
@@ -407,6 +416,17 @@ class StreamConsumer:
             landed=len(routed.landed),
             feature_windows=len(windowed.closed),
         )
+
+    def _store_tokens(self, routed: RoutedBatch) -> None:
+        """Keep the batch's new tokens in the token vault, before anything of the batch is written.
+        A vault that fails is a failed write: rewound and retried while it may pass later."""
+        try:
+            for tenant, entries in routed.vault_entries.items():
+                self._vault.store(tenant, entries)
+        except Exception as error:
+            if self._failing_since is None:
+                self._failing_since = time.time()
+            raise _CallFailed("write", error, self._failing_since) from error
 
     def _start_fits(self, detection: DetectionBatch | None) -> list[ray.ObjectRef]:
         """Send the fits that became due to the fitter (which runs them in order); the fit tasks

@@ -19,12 +19,20 @@ Payloads
 
 Anything that does not fit becomes a dead letter with the reason (the field and what is wrong with
 it); the valid records of the same batch go on. The batch is validated in one pydantic-core call.
+
+PII: a router given a ``security.pii.Tokenizer`` tokenizes every record before validation (records
+that came through the API are tokenized already, and tokenizing again changes nothing), so nothing
+downstream sees the original: the events' fields, a record event's body, and dead letters (an
+event document re-encoded as JSON with its tokens; a record that is not JSON, or a record event's
+body, with its findings replaced; an image's pixels as they are). ``RoutedBatch.vault_entries``
+holds what the token vault must keep, per tenant, before any of it is stored.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
 
@@ -33,12 +41,14 @@ import orjson
 import pyarrow as pa
 
 from rtml.errors import RtmlError
-from rtml.schemas import DataType, Event, validate_events
+from rtml.schemas import TENANT_PATTERN, DataType, Event, validate_events
+from security.pii import Tokenizer, VaultEntry
 from streaming.sources.base import SourceBatch
 
 Path = Literal["stream", "batch"]
 FRAME_CONTENT_TYPE = b"application/x-rtml-frame"
 FRAME_DTYPES = {"uint8": np.uint8, "float32": np.float32}
+_TENANT = re.compile(TENANT_PATTERN)
 
 
 @dataclass
@@ -105,10 +115,16 @@ class RoutedBatch:
     images: list[np.ndarray]  # float32 [height, width] per row of ``frames``
     landed: EventColumns  # to append to the ``events`` table now
     dead: DeadLetters
+    # What the token vault must hold before any of the above is stored, per tenant ("" for records
+    # that name no valid tenant); empty without a tokenizer.
+    vault_entries: dict[str, list[VaultEntry]] = field(default_factory=dict)
 
 
 class DataRouter:
-    def __init__(self, routes: Mapping[str, Path], land_stream_events: bool):
+    """Routes batches of raw records (module docstring). ``tokenizer``: PII is tokenized before
+    anything else happens; None only where the records cannot hold any (benchmarks, tests)."""
+
+    def __init__(self, routes: Mapping[str, Path], land_stream_events: bool, tokenizer: Tokenizer | None = None):
         unknown = set(routes) - {t.value for t in DataType}
         if unknown:
             raise RtmlError(f"streaming.routes names unknown data type(s) {sorted(unknown)}; known: {[t.value for t in DataType]}")
@@ -116,6 +132,7 @@ class DataRouter:
             raise RtmlError("record events have no model to score them: route them to 'batch'")
         self.routes = {t.value: routes.get(t.value, "batch") for t in DataType}
         self.land_stream_events = land_stream_events
+        self._tokenizer = tokenizer
 
     def route(self, batch: SourceBatch, partition_names: Sequence[str]) -> RoutedBatch:
         headers = batch.headers or [None] * len(batch)
@@ -123,6 +140,9 @@ class DataRouter:
         documents = [document for document, _, _ in decoded]
         reasons: list[str | None] = [reason for _, _, reason in decoded]
         frames = [frame for _, frame, _ in decoded]
+        entries: dict[str, list[VaultEntry]] = {}
+        if self._tokenizer is not None:
+            self._tokenize(documents, frames, entries)
         events, events_images = _events(documents, reasons, frames, batch, partition_names)
         path = np.array([self.routes[t] for t in events.data_type], dtype=object) if len(events) else np.empty(0, object)
         stream = path == "stream"
@@ -138,10 +158,44 @@ class DataRouter:
             dead=DeadLetters(
                 batch.partitions[bad],
                 batch.offsets[bad],
-                [_as_bytes(batch.payloads[i]) for i in bad],
+                [self._dead_payload(batch.payloads[i], documents[i], frames[i], entries) for i in bad.tolist()],
                 [reasons[i] for i in bad],
             ),
+            vault_entries=entries,
         )
+
+    def _tokenize(self, documents: list[Any], frames: list[bytes | None], entries: dict[str, list[VaultEntry]]) -> None:
+        """Replace each decoded document by its tokenized self, and a record event's body by its
+        tokenized bytes, in place; their vault entries go to ``entries`` by tenant."""
+        tokenizer = self._tokenizer
+        for i, document in enumerate(documents):
+            if document is None:
+                continue
+            document = dict(document)  # a file replay's records may be other mappings
+            tenant = _tenant_of(document)
+            tokenized = tokenizer.tokenize(tenant, document)
+            documents[i] = tokenized.document
+            entries.setdefault(tenant, []).extend(tokenized.entries)
+            frame = frames[i]
+            if frame is not None and document.get("data_type") == DataType.RECORD.value:
+                frames[i], found = tokenizer.tokenize_bytes(frame, tokenized.subject_token)
+                entries[tenant].extend(found)
+
+    def _dead_payload(self, payload: object, document: Any, frame: bytes | None, entries: dict[str, list[VaultEntry]]) -> bytes:
+        """What a dead letter keeps of its record: the record itself, or with a tokenizer its
+        tokenized form (module docstring)."""
+        if self._tokenizer is None:
+            return _as_bytes(payload)
+        if frame is not None:
+            return frame  # a record event's body tokenized by _tokenize, or an image's pixels
+        if document is not None:
+            try:
+                return orjson.dumps(document, default=str)
+            except orjson.JSONEncodeError:  # e.g. nested beyond what orjson writes: scan it as text below
+                pass
+        redacted, found = self._tokenizer.tokenize_bytes(_as_bytes(payload))
+        entries.setdefault("", []).extend(found)
+        return redacted
 
 
 def _decode(payload: object, headers: Mapping[str, bytes] | None) -> tuple[Any, bytes | None, str | None]:
@@ -255,6 +309,12 @@ def frame_array(attributes: Mapping[str, Any], frame: bytes) -> np.ndarray | str
         return f"the frame has {data.size} values, not {shape[0]} x {shape[1]}"
     image = data.reshape(shape).astype(np.float32)
     return image / 255.0 if dtype == "uint8" else image
+
+
+def _tenant_of(document: Mapping[str, Any]) -> str:
+    """The record's tenant if it names a valid one, else "" (the vault's rows need a tenant)."""
+    tenant = document.get("tenant")
+    return tenant if isinstance(tenant, str) and len(tenant) <= 64 and _TENANT.fullmatch(tenant) is not None else ""
 
 
 def _as_bytes(payload: object) -> bytes:

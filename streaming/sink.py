@@ -13,6 +13,11 @@ durable: subscribers see a prediction as soon as it is scored rather than after 
 event id, a new prediction id) when a failed write makes the consumer re-score it; the lakehouse
 keeps it once. The feed queues and returns: the write never waits for it.
 
+Each batch's predictions are recorded in the audit trail, one entry per tenant (who: the stream's
+sink; which rows: their count and up to ``AUDITED_IDS`` prediction ids), durable with the rows.
+An entry's id is made of the tenant and the batch's event ids, and its time is the batch's newest
+event time, so a replayed batch finds its entry and is recorded once.
+
 Once a batch is durable, its anomalous predictions (the consumer's final decisions) and the newest
 event time it scored per tenant go to the pipeline's anomaly listener (the app's agent graph), which
 returns at once: explaining never holds up the write. A batch re-scored after a failed write is
@@ -22,6 +27,7 @@ handed on again; the agent graph files the same event under the same incident.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 
@@ -36,6 +42,7 @@ from streaming.feed import open_feed, prediction_items
 from streaming.scoring import AnomalyListener
 
 TABLES = ("events", "features", "predictions")
+AUDITED_IDS = 100
 SINK_NICENESS = 10
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ class LakehouseSink:
         # sink fall behind, back-pressure slows the consumers.
         os.nice(SINK_NICENESS)
         self._lake = Lakehouse.open(settings)
-        self._writers = {table: self._lake.writer(table) for table in TABLES}
+        self._writers = {table: self._lake.writer(table) for table in (*TABLES, "audit")}
         self._feed = open_feed(settings)
         self._listener = listener
 
@@ -63,7 +70,11 @@ class LakehouseSink:
             submitted = {name: rows for name, rows in ((name, from_ipc(data)) for name, data in tables.items()) if rows.num_rows}
             if "predictions" in submitted:
                 self._feed.publish("predictions", prediction_items(submitted["predictions"]))
-            await asyncio.gather(*(asyncio.wrap_future(self._writers[name].submit(rows)) for name, rows in submitted.items()))
+                audit = _audit_entries(submitted["predictions"])
+            writes = [self._writers[name].submit(rows) for name, rows in submitted.items()]
+            if "predictions" in submitted:
+                writes.append(self._writers["audit"].submit(audit))
+            await asyncio.gather(*map(asyncio.wrap_future, writes))
         except Exception as error:
             raise JudgedFailure(f"{type(error).__name__}: {error}", passes_later(error)) from error
         if self._listener is not None and "predictions" in submitted:
@@ -92,3 +103,24 @@ class LakehouseSink:
             except Exception as error:  # see above: nothing unreported is lost
                 log.warning("lakehouse sink: the %s writer reported a failed write while closing: %s", name, error)
         await asyncio.to_thread(self._feed.close)
+
+
+def _audit_entries(predictions: pa.Table) -> list[dict]:
+    """The audit entries of one batch of predictions: one per tenant, keyed by its event ids."""
+    from lakehouse.api import audit_record
+
+    entries = []
+    for tenant in pc.unique(predictions["tenant"]).to_pylist():
+        rows = predictions.filter(pc.equal(predictions["tenant"], tenant))
+        event_ids = sorted(rows["event_id"].to_pylist())
+        digest = hashlib.sha256("\0".join([tenant, *event_ids]).encode()).hexdigest()[:32]
+        entry = audit_record(
+            "stream sink",
+            "predictions.write",
+            "predictions",
+            rows.num_rows,
+            details={"tenant": tenant, "rows": rows["prediction_id"].to_pylist()[:AUDITED_IDS]},
+            audit_id=f"batch-{digest}",
+        )
+        entries.append({**entry, "at": pc.max(rows["event_time"]).as_py()})
+    return entries

@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from rtml.settings import Settings
 from test_serving_deploy import _free_ports
+from tests.auth import auth_headers
 
 BIN = Path(sys.executable).parent
 
@@ -29,6 +31,10 @@ class UpCluster:
     dashboard: str
     http: str  # the app's base URL (HAProxy)
     up_output: str
+
+    def auth(self, tenant: str, role: str = "admin") -> dict[str, str]:
+        """The headers of a caller of ``tenant`` in ``role``, signed with this cluster's keys."""
+        return auth_headers(Settings(home=self.home), tenant, role)
 
 
 def _session_pids(session: int) -> list[int]:

@@ -61,11 +61,11 @@ def _events(entity: str, values, start: datetime = START, **extra) -> list[dict]
 
 def _post(app, events, tenant: str = TENANT, content_type: str = "application/json") -> httpx.Response:
     body = orjson.dumps(events) if content_type == "application/json" else b"\n".join(orjson.dumps(e) for e in events)
-    return httpx.post(f"{app.http}/v1/events", content=body, headers={"content-type": content_type, "x-rtml-tenant": tenant}, timeout=60)
+    return httpx.post(f"{app.http}/v1/events", content=body, headers={"content-type": content_type, **app.auth(tenant, "writer")}, timeout=60)
 
 
 def _graphql(app, query: str, variables: dict | None = None, tenant: str = TENANT) -> dict:
-    answer = httpx.post(f"{app.http}/graphql", json={"query": query, "variables": variables}, headers={"x-rtml-tenant": tenant}, timeout=60)
+    answer = httpx.post(f"{app.http}/graphql", json={"query": query, "variables": variables}, headers=app.auth(tenant), timeout=60)
     assert answer.status_code == 200, answer.text
     result = answer.json()
     assert not result.get("errors"), result["errors"]
@@ -158,10 +158,10 @@ def test_feedback_changes_the_weights_the_models_query_reports(app):
     assert after == pytest.approx(returned)
 
 
-async def _python_subscription(url: str, query: str, received: list, ready: asyncio.Event) -> None:
-    """A graphql-transport-ws client: connection_init with the tenant, one subscribe, every `next`."""
+async def _python_subscription(url: str, token_payload: dict, query: str, received: list, ready: asyncio.Event) -> None:
+    """A graphql-transport-ws client: connection_init with the bearer token, one subscribe, every `next`."""
     async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as socket:
-        await socket.send(json.dumps({"type": "connection_init", "payload": {"x-rtml-tenant": TENANT}}))
+        await socket.send(json.dumps({"type": "connection_init", "payload": token_payload}))
         assert json.loads(await socket.recv())["type"] == "connection_ack"
         await socket.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": query}}))
         ready.set()
@@ -180,7 +180,7 @@ def test_a_subscription_receives_an_anomaly_of_a_replayed_stream(app):
     ws_url = app.http.replace("http://", "ws://") + "/graphql"
     query = 'subscription { anomalies(entity: "pump-9") { predictionId eventId entity isAnomaly ensembleScore } }'
     node = subprocess.Popen(
-        ["node", str(JS_CLIENTS / "subscribe.mjs"), ws_url, TENANT, "1", query],
+        ["node", str(JS_CLIENTS / "subscribe.mjs"), ws_url, app.auth(TENANT, "reader")["authorization"], "1", query],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -189,7 +189,7 @@ def test_a_subscription_receives_an_anomaly_of_a_replayed_stream(app):
 
         async def replay_under_subscription() -> list:
             received, ready = [], asyncio.Event()
-            listening = asyncio.create_task(_python_subscription(ws_url, query, received, ready))
+            listening = asyncio.create_task(_python_subscription(ws_url, app.auth(TENANT, "reader"), query, received, ready))
             await asyncio.wait_for(ready.wait(), 60)
             await asyncio.sleep(1.0)  # the subscribe frame reaches the server's feed
             # A sensor's normal readings, then a reading far outside anything it was trained on.
@@ -226,7 +226,7 @@ def test_an_anomaly_of_the_stream_is_explained_stored_and_pushed_to_subscribers(
 
     async def explain_under_subscription() -> list:
         received, ready = [], asyncio.Event()
-        listening = asyncio.create_task(_python_subscription(ws_url, query, received, ready))
+        listening = asyncio.create_task(_python_subscription(ws_url, app.auth(TENANT, "reader"), query, received, ready))
         await asyncio.wait_for(ready.wait(), 60)
         await asyncio.sleep(1.0)  # the subscribe frame reaches the server's feed
         values = np.append(sensor_series(count=1, length=40, seed=6)[0], 500.0)
@@ -254,9 +254,15 @@ def test_an_anomaly_of_the_stream_is_explained_stored_and_pushed_to_subscribers(
 def test_unknown_routes_and_bad_graphql_are_4xx_json(app):
     missing = httpx.get(f"{app.http}/nowhere", timeout=30)
     assert missing.status_code == 404 and "/v1/events" in missing.json()["error"]
-    no_tenant = httpx.post(f"{app.http}/v1/events", content=b"{}", headers={"content-type": "application/json"}, timeout=30)
-    assert no_tenant.status_code == 401 and "x-rtml-tenant" in no_tenant.json()["error"]
+    for route in ("/v1/events", "/v1/events/binary", "/v1/predict", "/graphql"):
+        no_token = httpx.post(f"{app.http}{route}", content=b"{}", headers={"content-type": "application/json"}, timeout=30)
+        assert no_token.status_code == 401 and "Bearer" in no_token.text, route
+        reader = httpx.post(f"{app.http}{route}", content=b"{}", headers={"content-type": "application/json", **app.auth(TENANT, "reader")}, timeout=30)
+        assert (reader.status_code not in (401, 403)) if route == "/graphql" else reader.status_code == 403, (route, reader.text)
+    other_tenant = httpx.post(f"{app.http}/v1/predict", json={"tenant": LIMITED, "window": [0.0] * WINDOW_LENGTH}, headers=app.auth(TENANT, "writer"), timeout=30)
+    assert other_tenant.status_code == 403 and LIMITED in other_tenant.json()["error"]
     document = httpx.get(f"{app.http}/openapi.json", timeout=30).json()
-    assert {"/v1/events", "/v1/events/binary", "/v1/predict", "/graphql", "/healthz"} <= set(document["paths"])
+    assert {"/v1/events", "/v1/events/binary", "/v1/predict", "/graphql", "/healthz", "/.well-known/jwks.json"} <= set(document["paths"])
+    assert [key["kid"] for key in httpx.get(f"{app.http}/.well-known/jwks.json", timeout=30).json()["keys"]] == ["k1"]
     health = httpx.get(f"{app.http}/healthz", timeout=30).json()
     assert health["status"] == "ok" and "stream_lag_events" in health

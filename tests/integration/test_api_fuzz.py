@@ -39,6 +39,7 @@ from deployments import control
 from deployments.demo_models import sensor_series, train_and_register
 from rtml.settings import Settings
 from test_serving_deploy import _free_ports
+from tests.auth import auth_headers
 
 pytestmark = pytest.mark.timeout(900)
 TENANT = "acme"  # has models
@@ -76,6 +77,8 @@ def app(ray_cluster, tmp_path_factory) -> App:
     home = tmp_path_factory.mktemp("fuzz")
     settings = Settings(
         home=home,
+        # Nothing here explains anomalies: the app starts without the agent graph's three replicas.
+        agents={"enabled": False},
         models={"window_length": WINDOW_LENGTH},
         streaming={"consumers": 1},
         serving={
@@ -113,7 +116,7 @@ def answered(response: httpx.Response) -> object:
 
 def post(app: App, path: str, body: bytes, content_type: str | None = "application/json", tenant: str = TENANT, **headers: str) -> object:
     """POST ``body`` and check the answer (``answered``); an httpx timeout fails the test as a hang."""
-    sent = {"x-rtml-tenant": tenant, **headers}
+    sent = {**auth_headers(app.settings, tenant), **headers}
     if content_type is not None:
         sent["content-type"] = content_type
     return answered(app.client.post(f"{app.url}{path}", content=body, headers=sent))
@@ -135,14 +138,15 @@ def openapi(app, request):
     """The app's OpenAPI document, its requests sent as one tenant: one with models, and the
     limited one (whose ingestion soon gets 429s)."""
     schema = schemathesis.openapi.from_url(f"{app.url}/openapi.json", timeout=REQUEST_TIMEOUT_S)
-    schema.config.update(base_url=app.url, headers={"x-rtml-tenant": request.param})
+    schema.config.update(base_url=app.url, headers=auth_headers(app.settings, request.param))
     return schema
 
 
 @pytest.fixture(scope="module")
 def graphql(app):
-    schema = schemathesis.graphql.from_url(f"{app.url}/graphql", timeout=REQUEST_TIMEOUT_S)
-    schema.config.update(headers={"x-rtml-tenant": TENANT})
+    headers = auth_headers(app.settings, TENANT)
+    schema = schemathesis.graphql.from_url(f"{app.url}/graphql", timeout=REQUEST_TIMEOUT_S, headers=headers)
+    schema.config.update(headers=headers)
     return schema
 
 
@@ -309,7 +313,7 @@ def test_malformed_graphql_documents(app, query, variables, operation):
     for document in ({"query": query}, {"query": query, "variables": variables, "operationName": operation}):
         graphql_errors(post(app, "/graphql", dumps(document)))
     if isinstance(query, str) and query.strip():
-        answer = app.client.get(f"{app.url}/graphql", params={"query": query, "variables": dumps(variables).decode()}, headers={"x-rtml-tenant": TENANT})
+        answer = app.client.get(f"{app.url}/graphql", params={"query": query, "variables": dumps(variables).decode()}, headers=auth_headers(app.settings, TENANT))
         graphql_errors(answered(answer))
 
 
@@ -331,7 +335,7 @@ def test_deeply_nested_values_inside_good_documents(app):
     post(app, "/v1/events", orjson.dumps([event]))
     post(app, "/v1/predict", b'{"tenant": "acme", "window": ' + _deep("array") + b"}")
     graphql_errors(post(app, "/graphql", b'{"query": "{ __typename }", "variables": ' + _deep("object") + b"}"))
-    answer = app.client.get(f"{app.url}/graphql", params={"query": "{ __typename }", "variables": _deep("array").decode()}, headers={"x-rtml-tenant": TENANT})
+    answer = app.client.get(f"{app.url}/graphql", params={"query": "{ __typename }", "variables": _deep("array").decode()}, headers=auth_headers(app.settings, TENANT))
     graphql_errors(answered(answer))
 
 
@@ -360,14 +364,14 @@ def test_oversized_bodies_are_refused_with_413(app, path, framing):
     body = b"[" + b" " * BODY_LIMIT + b"]"
     content = body if framing == "content-length" else iter([body[: BODY_LIMIT // 2], body[BODY_LIMIT // 2 :]])
     content_type = "application/octet-stream" if path.endswith("binary") else "application/json"
-    response = app.client.post(f"{app.url}{path}", content=content, headers={"x-rtml-tenant": TENANT, "content-type": content_type})
+    response = app.client.post(f"{app.url}{path}", content=content, headers={**auth_headers(app.settings, TENANT), "content-type": content_type})
     answered(response)
     assert response.status_code == 413, response.text
 
 
 def test_the_limited_tenant_is_answered_429_with_retry_after(app):
     for minute in range(25):
-        response = app.client.post(f"{app.url}/v1/events", content=orjson.dumps([good_event("meter-1", minute, 1.0)]), headers={"x-rtml-tenant": LIMITED, "content-type": "application/json"})
+        response = app.client.post(f"{app.url}/v1/events", content=orjson.dumps([good_event("meter-1", minute, 1.0)]), headers={**auth_headers(app.settings, LIMITED), "content-type": "application/json"})
         answered(response)
         if response.status_code == 429:
             break

@@ -26,6 +26,7 @@ from deployments.app import ROUTER, scorer_name
 from deployments.demo_models import sensor_series, train_and_register, windows_of
 from rtml.schemas import Feedback, ModelStatus
 from rtml.settings import Settings
+from tests.auth import auth_headers
 
 pytestmark = pytest.mark.timeout(900)
 TENANT = "acme"
@@ -50,6 +51,10 @@ class App:
 
         return serve.get_deployment_handle(ROUTER, self.settings.serving.app_name)
 
+    def auth(self, tenant: str = TENANT, role: str = "writer") -> dict[str, str]:
+        """The headers of a caller of ``tenant`` in ``role``, signed with the app's keys."""
+        return auth_headers(self.settings, tenant, role)
+
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, tmp_path_factory) -> App:
@@ -60,6 +65,8 @@ def app(ray_cluster, tmp_path_factory) -> App:
     home = tmp_path_factory.mktemp("serving")
     settings = Settings(
         home=home,
+        # Nothing here explains anomalies: the app starts without the agent graph's three replicas.
+        agents={"enabled": False},
         serving={
             "app_name": "rtml-test",
             "route_prefix": "/rtml-test",
@@ -87,14 +94,16 @@ def windows(count: int, spike: float = 0.0, seed: int = 0) -> np.ndarray:
 
 
 def predict(app: App, body, **kwargs) -> httpx.Response:
+    """POST ``body`` to predict as a writer of the tenant it names (``TENANT`` if none)."""
     if isinstance(body, np.ndarray):
         buffer = io.BytesIO()
         np.save(buffer, body)
+        params = {"tenant": TENANT, **kwargs}
         return httpx.post(
-            f"{app.url}/v1/predict", params={"tenant": TENANT, **kwargs}, content=buffer.getvalue(),
-            headers={"content-type": "application/x-npy"}, timeout=60,
+            f"{app.url}/v1/predict", params=params, content=buffer.getvalue(),
+            headers={"content-type": "application/x-npy", **app.auth(params["tenant"])}, timeout=60,
         )
-    return httpx.post(f"{app.url}/v1/predict", json=body, timeout=60)
+    return httpx.post(f"{app.url}/v1/predict", json=body, headers=app.auth(body.get("tenant", TENANT)), timeout=60)
 
 
 def wait_for(condition, timeout_s: float, what: str):
@@ -123,7 +132,7 @@ class Load:
 
     def _client(self, seed: int) -> None:
         samples = windows(50, seed=seed)
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60, headers=auth_headers(self.app.settings, TENANT, "writer")) as client:
             index = 0
             while not self._stop.is_set():
                 body = {"tenant": TENANT, "window": samples[index % len(samples)].tolist()}
@@ -225,8 +234,13 @@ def test_other_endpoints(app: App):
     assert httpx.get(f"{app.url}/healthz", timeout=30).json() == {"status": "ok", "stream_lag_events": 0}
     assert httpx.get(f"{app.url}/v1/predict", timeout=30).status_code == 405
     assert httpx.get(f"{app.url}/v1/nothing", timeout=30).status_code == 404
-    response = httpx.post(f"{app.url}/v1/predict", content=b"a,b", headers={"content-type": "text/csv"}, timeout=30)
+    response = httpx.post(f"{app.url}/v1/predict", content=b"a,b", headers={"content-type": "text/csv", **app.auth()}, timeout=30)
     assert response.status_code == 415
+    body = {"tenant": TENANT, "window": windows(1)[0].tolist()}
+    no_token = httpx.post(f"{app.url}/v1/predict", json=body, timeout=30)
+    assert no_token.status_code == 401 and "Bearer" in no_token.json()["error"]
+    reader = httpx.post(f"{app.url}/v1/predict", json=body, headers=app.auth(TENANT, "reader"), timeout=30)
+    assert reader.status_code == 403 and "writer" in reader.json()["error"]
 
 
 @pytest.mark.parametrize("form", ["json", "npy"])
@@ -247,7 +261,7 @@ def test_a_body_beyond_the_size_limit_gets_a_413(app: App):
     limit = app.settings.serving.max_request_bytes
     response = httpx.post(
         f"{app.url}/v1/predict", params={"tenant": TENANT}, content=b"\0" * (limit + 1),
-        headers={"content-type": "application/x-npy"}, timeout=60,
+        headers={"content-type": "application/x-npy", **app.auth()}, timeout=60,
     )
     assert response.status_code == 413
     assert "serving.max_request_bytes" in response.json()["error"]
@@ -359,7 +373,7 @@ def test_a_model_whose_artifact_is_gone_is_left_out_and_the_tenant_still_served(
 
     shutil.rmtree(artifact_path(broken.artifact_uri))
     response = wait_for(
-        lambda: (r := httpx.post(f"{app.url}/v1/predict", json={"tenant": "beta", "window": windows(1)[0].tolist()}, timeout=60)).status_code == 200 and r,
+        lambda: (r := predict(app, {"tenant": "beta", "window": windows(1)[0].tolist()})).status_code == 200 and r,
         60, "tenant beta to be served",
     )
     assert response.json()["model_versions"] == {good.name: str(good.version)}
@@ -372,10 +386,11 @@ def test_overload_gets_503_with_retry_after_and_nothing_hangs(app: App):
     )
     control.deploy(tight)
     body = {"tenant": TENANT, "windows": windows(64).tolist()}
+    headers = app.auth()
     statuses: list[httpx.Response] = []
 
     def send() -> None:
-        statuses.append(httpx.post(f"{app.url}/v1/predict", json=body, timeout=120))
+        statuses.append(httpx.post(f"{app.url}/v1/predict", json=body, headers=headers, timeout=120))
 
     threads = [threading.Thread(target=send) for _ in range(40)]
     for thread in threads:

@@ -20,6 +20,7 @@ import yaml
 
 from deployments.demo_models import sensor_series, train_and_register, windows_of
 from rtml.settings import Settings
+from tests.auth import auth_headers
 
 pytestmark = pytest.mark.timeout(900)
 CONFIG = Path(__file__).resolve().parents[2] / "deployments" / "serve_config.yaml"
@@ -100,7 +101,11 @@ def test_serve_deploy_of_the_config_brings_the_app_to_running(head_node, tmp_pat
     assert set(app["deployments"]) == {"Ingress", "ModelRouter", "PredictionSink", "StreamRunner", "ModelScorer_rnn", "ModelScorer_cnn", "EntityForecaster", "AgentGraph", "SearchAgent", "GraphAgent"}
 
     window = windows_of(sensor_series()[0], 32)[0]
-    response = httpx.post(f"http://127.0.0.1:{head_node['http_port']}/v1/predict", json={"tenant": "acme", "window": window.tolist()}, timeout=60)
+    # The app's settings come from the cluster's environment (RTML_HOME): its keys are under that home.
+    headers = auth_headers(Settings(home=head_node["home"]), "acme", "writer")
+    response = httpx.post(
+        f"http://127.0.0.1:{head_node['http_port']}/v1/predict", json={"tenant": "acme", "window": window.tolist()}, headers=headers, timeout=60
+    )
     assert response.status_code == 200, response.text
     assert response.json()["model_versions"] == {"acme-rnn": "1", "acme-cnn": "1"}
 

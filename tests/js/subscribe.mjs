@@ -1,14 +1,14 @@
 // Subscribe with the npm graphql-ws client (the protocol Apollo Client speaks) and print each
 // `next` payload as one JSON line on stdout; exit 0 after `count` of them, 1 on an error.
-//   node subscribe.mjs <ws-url> <tenant> <count> '<subscription document>'
+//   node subscribe.mjs <ws-url> '<Authorization header value>' <count> '<subscription document>'
 import { createClient } from "graphql-ws";
 import WebSocket from "ws";
 
-const [url, tenant, count, query] = process.argv.slice(2);
+const [url, authorization, count, query] = process.argv.slice(2);
 const client = createClient({
   url,
   webSocketImpl: WebSocket,
-  connectionParams: { "x-rtml-tenant": tenant },
+  connectionParams: { authorization },
   retryAttempts: 0,
   keepAlive: 10_000,
 });

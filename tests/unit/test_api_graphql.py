@@ -17,19 +17,22 @@ import pytest
 from graphql import GraphQLEnumType, GraphQLInputObjectType, GraphQLObjectType
 from pyiceberg.expressions import EqualTo
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 from typer.testing import CliRunner
 
 from api.cli import app as api_cli
 from api.cli import query as query_command
+from api.erasure import LocalAgentStores
 from api.data import DataAccess
 from api.graphql import graphql_app
 from api.schema import schema
-from api.tenancy import TENANT_HEADER
 from deployments.ensemble import OnlineAccuracy, reweight
 from lakehouse import Lakehouse
+
 from rtml.schemas import SHADOW_PREFIX, ModelStatus, ModelVersion, Refusal, ScoreRequest, ScoreResult, prediction_table
 from rtml.settings import Settings
 from streaming.feed import MemoryFeed, prediction_items
+from tests.auth import auth_headers, token
 
 BASE = datetime(2024, 3, 1, tzinfo=timezone.utc)
 ROWS = 30  # predictions per tenant, one a minute from BASE
@@ -48,11 +51,13 @@ query Page($first: Int, $after: String, $entity: String, $start: DateTime, $end:
 }"""
 
 
-class InProcessOperations:
+class InProcessOperations(LocalAgentStores):
     """``api.operations.Operations`` without Serve: what the router answers, computed here over the
-    lakehouse registry (multiplicative re-weighting as the router does, ``deployments.ensemble``)."""
+    lakehouse registry (multiplicative re-weighting as the router does, ``deployments.ensemble``);
+    an erasure's search index and graph are the embedded ones of the test's home."""
 
-    def __init__(self, lake: Lakehouse):
+    def __init__(self, lake: Lakehouse, settings: Settings):
+        super().__init__(settings)
         self.lake = lake
         self.rollouts: dict[str, tuple[str, float]] = {}
         self.refreshes = 0
@@ -161,20 +166,20 @@ class World:
         }
         for tenant in ("acme", "globex"):
             self.lake.append_idempotent("predictions", prediction_rows(tenant, range(ROWS)))
-        self.operations = InProcessOperations(self.lake)
+        self.operations = InProcessOperations(self.lake, self.settings)
         self.feed = MemoryFeed()
         self.access = DataAccess(self.settings, self.operations, self.feed, self.lake)
         self.client = TestClient(graphql_app(self.access, self.settings))
 
-    def gql(self, query: str, tenant: str | None = "acme", **variables) -> dict:
-        headers = {TENANT_HEADER: tenant} if tenant is not None else {}
+    def gql(self, query: str, tenant: str | None = "acme", role: str = "admin", **variables) -> dict:
+        headers = auth_headers(self.settings, tenant, role) if tenant is not None else {}
         response = self.client.post("/", json={"query": query, "variables": variables}, headers=headers)
         body = response.json()
         assert "Traceback" not in response.text and "stacktrace" not in response.text
         return body
 
-    def ok(self, query: str, tenant: str = "acme", **variables) -> dict:
-        body = self.gql(query, tenant, **variables)
+    def ok(self, query: str, tenant: str = "acme", role: str = "admin", **variables) -> dict:
+        body = self.gql(query, tenant, role, **variables)
         assert "errors" not in body, body.get("errors")
         return body["data"]
 
@@ -259,20 +264,49 @@ def test_each_tenant_sees_only_its_own_rows_though_ids_are_shared(world):
         assert windows["analytics"][0]["count"] == ROWS
 
 
-def test_a_request_without_a_valid_tenant_is_unauthenticated_but_introspection_works(world):
-    for tenant in (None, "not a tenant!"):
-        body = world.gql(PAGE, tenant)
-        assert codes(body) == ["UNAUTHENTICATED"]
-        assert TENANT_HEADER in body["errors"][0]["message"]
-        assert body["data"] is None
-    body = world.gql("{ __schema { queryType { name } } }", None)
-    assert body["data"]["__schema"]["queryType"]["name"] == "Query"
+def test_a_request_without_a_valid_token_is_refused_before_anything_runs(world):
+    for headers in ({}, {"authorization": "Bearer not-a-jwt"}, {"authorization": "Basic dXNlcjpwYXNz"}, {"x-rtml-tenant": "acme"}):
+        for query in (PAGE, "{ __schema { queryType { name } } }", "{ predictions { edges "):
+            response = world.client.post("/", json={"query": query}, headers=headers)
+            assert response.status_code == 401
+            assert codes(response.json()) == ["UNAUTHENTICATED"]
+            assert "Bearer" in response.json()["errors"][0]["message"] or "JWT" in response.json()["errors"][0]["message"]
+    assert world.ok("{ __schema { queryType { name } } }", "acme", "reader")["__schema"]["queryType"]["name"] == "Query"
+
+
+def test_a_role_without_the_fields_right_is_forbidden_before_the_operation_runs(fresh):
+    erase = 'mutation { requestErasure(subject: "alice") { rowsRemoved } }'
+    for role in ("reader", "writer"):
+        response = fresh.client.post("/", json={"query": erase}, headers=auth_headers(fresh.settings, "acme", role))
+        assert response.status_code == 403
+        assert codes(response.json()) == ["FORBIDDEN"] and "admin" in response.json()["errors"][0]["message"]
+        # hidden behind a fragment or an alias, alike
+        hidden = "mutation { ...E } fragment E on Mutation { gone: requestErasure(subject: \"alice\") { rowsRemoved } }"
+        assert codes(fresh.gql(hidden, "acme", role)) == ["FORBIDDEN"]
+        assert codes(fresh.gql("{ auditEntries { edges { cursor } } }", "acme", role)) == ["FORBIDDEN"]
+        assert codes(fresh.gql('mutation { promoteModel(name: "acme-rnn", version: 2) { key } }', "acme", role)) == ["FORBIDDEN"]
+    assert sum(row["subject"] == "alice" for row in fresh.rows("acme")) == 3
+    assert fresh.lake.registry.get("acme-rnn", 2).status == ModelStatus.CANDIDATE
+    assert codes(fresh.gql(FEEDBACK, "acme", "reader", verdicts=[{"predictionId": "p-1", "isAnomaly": True}])) == ["FORBIDDEN"]
+    assert fresh.ok(FEEDBACK, "acme", "writer", verdicts=[{"predictionId": "p-1", "isAnomaly": True}])["submitFeedback"]
+    assert fresh.ok(PAGE, "acme", "reader", first=1)["predictions"]["edges"]
+
+
+def test_every_call_is_audited_with_who_which_rows_and_from_where(fresh):
+    fresh.ok(PAGE, "acme", "reader", first=3)
+    fresh.ok("{ models { key } }", "globex", "reader")
+    fresh.access.flush_audit(30)
+    entries = [json.loads(entry["details"]) | entry for entry in nodes(fresh.ok("{ auditEntries(first: 100) { edges { node { action actor tableName rowCount details } } } }", "acme"), "auditEntries")]
+    read = next(entry for entry in entries if entry["action"] == "read" and entry["tableName"] == "predictions")
+    assert read["rowCount"] == 3 and len(read["rows"]) == 3 and read["role"] == "reader" and read["tenant"] == "acme"
+    assert read["from"] == "testclient" and "test-reader" in read["actor"]
+    assert not [entry for entry in entries if entry["tableName"] == "models" and entry["action"] == "read"]  # globex's read is globex's
 
 
 def test_queries_run_over_get_too_but_mutations_do_not(world):
-    asked = world.client.get("/", params={"query": "{ tenant }"}, headers={TENANT_HEADER: "globex"})
+    asked = world.client.get("/", params={"query": "{ tenant }"}, headers=auth_headers(world.settings, "globex"))
     assert asked.json() == {"data": {"tenant": "globex"}}
-    refused = world.client.get("/", params={"query": 'mutation { requestErasure(subject: "alice") { rowsRemoved } }'}, headers={TENANT_HEADER: "globex"})
+    refused = world.client.get("/", params={"query": 'mutation { requestErasure(subject: "alice") { rowsRemoved } }'}, headers=auth_headers(world.settings, "globex"))
     assert codes(refused.json()) == ["BAD_USER_INPUT"]
     assert sum(row["subject"] == "alice" for row in world.rows("globex")) == 3
 
@@ -412,7 +446,7 @@ def test_depth_and_cost_limits_refuse_with_codes(world, tmp_path):
         return TestClient(graphql_app(world.access, world.settings.model_copy(update={"api": world.settings.api.model_copy(update=limits)})))
 
     def ask(client, query, variables=None) -> dict:
-        return client.post("/", json={"query": query, "variables": variables}, headers={TENANT_HEADER: "acme"}).json()
+        return client.post("/", json={"query": query, "variables": variables}, headers=auth_headers(world.settings, "acme")).json()
 
     shallow = limited(max_query_depth=2)
     assert codes(ask(shallow, "{ lineage(predictionId: \"p-1\") { models { key } } }")) == []
@@ -546,14 +580,16 @@ def test_request_erasure_erases_the_callers_subject_only(fresh):
         return sum(row["subject"] == "alice" for row in fresh.rows(tenant))
 
     assert subjects("acme") == subjects("globex") == 3
-    report = fresh.ok('mutation { requestErasure(subject: "alice") { rowsRemoved tables { table rowsRemoved } } }')["requestErasure"]
+    erase = 'mutation { requestErasure(subject: "alice") { rowsRemoved tables { table rowsRemoved } stores { store removed } } }'
+    report = fresh.ok(erase)["requestErasure"]
     assert report["rowsRemoved"] == 3
     assert {table["table"]: table["rowsRemoved"] for table in report["tables"]}["predictions"] == 3
+    assert {store["store"]: store["removed"] for store in report["stores"]} == {"search": 0, "graph": 0, "token vault": 0, "lakehouse": 3}
     assert subjects("acme") == 0 and subjects("globex") == 3
     audit = "{ auditEntries(first: 20) { edges { node { action tableName details } } } }"
-    erasures = [entry for entry in nodes(fresh.ok(audit, "acme"), "auditEntries") if entry["action"] == "erase"]
-    assert {entry["tableName"] for entry in erasures} >= {"predictions", "events"}
-    assert all(json.loads(entry["details"])["tenant"] == "acme" for entry in erasures)
+    [erasure] = [entry for entry in nodes(fresh.ok(audit, "acme"), "auditEntries") if entry["action"] == "erase"]  # one entry for every store
+    assert erasure["tableName"] == "*"
+    assert (json.loads(erasure["details"])["tenant"], json.loads(erasure["details"])["complete"]) == ("acme", True)
     assert nodes(fresh.ok(audit, "globex"), "auditEntries") == []
     assert codes(fresh.gql('mutation { requestErasure(subject: "  ") { rowsRemoved } }')) == ["BAD_USER_INPUT"]
 
@@ -584,7 +620,7 @@ def _live_items(tenant: str, index: int, anomaly: bool) -> list[dict]:
 def test_subscriptions_deliver_the_callers_live_predictions_and_anomalies(world):
     fields = "predictionId tenant isAnomaly eventTime scores { model }"
     with world.client.websocket_connect("/", subprotocols=["graphql-transport-ws"]) as ws:
-        ws.send_json({"type": "connection_init", "payload": {TENANT_HEADER: "acme"}})
+        ws.send_json({"type": "connection_init", "payload": auth_headers(world.settings, "acme", "reader")})
         assert ws.receive_json() == {"type": "connection_ack"}
         _subscribe(ws, "all", f"subscription {{ predictions {{ {fields} }} }}")
         _subscribe(ws, "anomalies", f"subscription {{ anomalies {{ {fields} }} }}")
@@ -605,8 +641,8 @@ def test_subscriptions_deliver_the_callers_live_predictions_and_anomalies(world)
 
 
 @pytest.mark.timeout(60)
-def test_a_subscription_takes_its_tenant_from_the_upgrade_headers_or_refuses_without_one(world):
-    with world.client.websocket_connect("/", subprotocols=["graphql-transport-ws"], headers={TENANT_HEADER: "globex"}) as ws:
+def test_a_subscription_takes_its_caller_from_the_upgrade_headers_or_is_closed_without_one(world):
+    with world.client.websocket_connect("/", subprotocols=["graphql-transport-ws"], headers=auth_headers(world.settings, "globex", "reader")) as ws:
         ws.send_json({"type": "connection_init"})
         assert ws.receive_json() == {"type": "connection_ack"}
         _subscribe(ws, "1", "subscription { anomalies { predictionId tenant } }")
@@ -614,12 +650,12 @@ def test_a_subscription_takes_its_tenant_from_the_upgrade_headers_or_refuses_wit
         world.feed.publish("predictions", _live_items("acme", 5, True) + _live_items("globex", 6, True))
         message = ws.receive_json()
         assert message["payload"]["data"]["anomalies"] == {"predictionId": "live-a-6", "tenant": "globex"}
-    with world.client.websocket_connect("/", subprotocols=["graphql-transport-ws"]) as ws:
-        ws.send_json({"type": "connection_init", "payload": {}})
-        assert ws.receive_json() == {"type": "connection_ack"}
-        _subscribe(ws, "1", "subscription { predictions { predictionId } }")
-        message = ws.receive_json()
-        assert message["type"] == "error" and [error["extensions"]["code"] for error in message["payload"]] == ["UNAUTHENTICATED"]
+    for payload in ({}, {"authorization": "Bearer forged"}, {"x-rtml-tenant": "globex"}):
+        with world.client.websocket_connect("/", subprotocols=["graphql-transport-ws"]) as ws:
+            ws.send_json({"type": "connection_init", "payload": payload})
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 4403
 
 
 # the query command against a served app -----------------------------------------------------
@@ -640,12 +676,30 @@ def test_rtml_query_posts_to_a_running_app_and_fails_on_errors(world):
         command = typer.Typer()
         command.command()(query_command)
         url = f"http://127.0.0.1:{port}/"
-        done = CliRunner().invoke(command, ["query($n: Int) { predictions(first: $n) { edges { node { tenant } } } }", "--tenant", "globex", "--url", url, "--variables", '{"n": 2}'])
+        done = CliRunner().invoke(command, ["query($n: Int) { predictions(first: $n) { edges { node { tenant } } } }", "--token", token(world.settings, "globex", "reader"), "--url", url, "--variables", '{"n": 2}'])
         assert done.exit_code == 0, done.output
         assert [edge["node"]["tenant"] for edge in json.loads(done.stdout)["data"]["predictions"]["edges"]] == ["globex", "globex"]
-        failed = CliRunner().invoke(command, ["{ predictions(first: 0) { edges { cursor } } }", "--tenant", "globex", "--url", url])
+        failed = CliRunner().invoke(command, ["{ predictions(first: 0) { edges { cursor } } }", "--token", token(world.settings, "globex", "reader"), "--url", url])
         assert failed.exit_code == 1
         assert "BAD_USER_INPUT: first must be between 1 and" in failed.stderr
     finally:
         server.should_exit = True
         thread.join()
+
+
+def test_only_an_admin_reverses_a_token_of_its_own_tenant_and_it_is_audited(fresh):
+    from api.ingest import PiiFirstHop
+
+    first_hop = PiiFirstHop(fresh.settings)
+    tokenized = first_hop.tokenizer.tokenize("acme", {"entity": "pump-1", "attributes": {"owner": "bob@example.com"}})
+    first_hop.store("acme", tokenized.entries)
+    token = tokenized.document["attributes"]["owner"]
+    reveal = "mutation($t: String!) { revealToken(token: $t) }"
+    assert fresh.ok(reveal, "acme", t=token) == {"revealToken": "bob@example.com"}
+    assert codes(fresh.gql(reveal, "acme", "writer", t=token)) == ["FORBIDDEN"]
+    assert codes(fresh.gql(reveal, "globex", t=token)) == ["NOT_FOUND"]
+    entries = nodes(fresh.ok("{ auditEntries(first: 100) { edges { node { action details } } } }", "acme"), "auditEntries")
+    revealed = [entry for entry in entries if entry["action"] == "reveal"]
+    assert len(revealed) == 1 and json.loads(revealed[0]["details"])["token"] == token
+    assert all("bob@example.com" not in entry["details"] for entry in entries)
+    first_hop.close()

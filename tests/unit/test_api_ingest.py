@@ -10,10 +10,12 @@ import numpy as np
 import orjson
 import pytest
 
-from api.ingest import Ingestor, Unparsed, parse_json_body
+from api.ingest import Ingestor, PiiFirstHop, Unparsed, parse_json_body
 from lakehouse import Lakehouse
-from rtml.schemas import Refusal
+from rtml.schemas import Refusal, ScoreRequest
 from rtml.settings import Settings
+from security.pii import Tokenizer
+from security.tokenvault import TokenVault
 from streaming.eventlog import log_file, open_event_log_writer
 from streaming.router import DataRouter
 from streaming.sources.eventlog import EventLogSource
@@ -129,7 +131,7 @@ def test_batch_path_events_land_in_the_events_table_before_the_answer(ingest, se
     assert result.accepted == 3 and result.rejected == []
     landed = {row["event_id"]: row for row in lake.read("events", tenant="acme").to_pylist()}
     assert set(landed) == {"rec-1", "rec-2"}  # the metric took the stream path; its consumer lands it
-    assert landed["rec-1"]["attributes"] == '{"total":12}' and landed["rec-2"]["subject"] == "customer-7"
+    assert landed["rec-1"]["attributes"] == '{"total":12}' and landed["rec-2"]["subject"] == Tokenizer(settings).subject_token("customer-7")
     assert _routed_from_the_log(settings).metrics.event_id.tolist() == ["metric-1"]
     # The same events sent again (a client's retry) are one row each.
     ingestor.ingest_documents("acme", documents[:2])
@@ -177,3 +179,25 @@ def test_an_unavailable_log_refuses_with_503_and_retry_after(ingest, settings):
         other.execute("ROLLBACK")
     assert refused.value.status == 503 and refused.value.retry_after_s == settings.serving.retry_after_s
     assert "retry later" in refused.value.reason
+
+
+def test_a_predict_requests_personal_fields_are_tokenized_and_revealable(settings):
+    first_hop = PiiFirstHop(settings)
+    request = ScoreRequest(
+        tenant="acme",
+        windows=np.zeros((3, 4), np.float32),
+        entities=["card 4111 1111 1111 1111", "pump-1", "bob@example.com"],
+        subjects=["alice@example.com", None, "customer-7"],
+    )
+    tokenized = first_hop.score_request(request)
+    tokenizer = Tokenizer(settings)
+    assert tokenized.entities[1] == "pump-1" and tokenized.subjects[1] is None
+    assert tokenized.entities[2] == tokenizer.token("email", "bob@example.com")
+    assert "4111" not in tokenized.entities[0] and tokenized.entities[0].startswith("card tok_card_")
+    assert tokenized.subjects == [tokenizer.subject_token("alice@example.com"), None, tokenizer.subject_token("customer-7")]
+    assert tokenized.windows is request.windows and tokenized.event_ids is None
+    vault = TokenVault.open(settings)
+    assert vault.reveal("acme", tokenized.entities[2]) == "bob@example.com"
+    assert vault.reveal("acme", tokenized.subjects[0]) == "alice@example.com"
+    first_hop.close()
+    vault.close()

@@ -7,13 +7,14 @@ from datetime import datetime, timedelta, timezone
 import pyarrow as pa
 import pytest
 
-from lakehouse.cli import replica_settings
+from lakehouse.api import replica_settings
 from lakehouse.erasure import subject_digest, tenant_subject_digest
 from lakehouse.errors import LakehouseError
 from lakehouse.features import feature_id, with_feature_ids
 from lakehouse.tables import EVENTS, PREDICTIONS, TABLES, to_arrow
 from lakehouse.writer import first_row_per_key, without_keys
 from rtml.schemas import Event, Prediction
+from rtml.settings import LakehouseSettings
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -128,9 +129,15 @@ def test_feature_ids_are_deterministic_and_filled_in():
 
 
 def test_replica_target_from_a_folder_or_a_uri(tmp_path):
-    folder = replica_settings(str(tmp_path / "dr"), None)
+    primary = LakehouseSettings(replicas=[{"name": "dr", "to": str(tmp_path / "dr")}])
+    folder = replica_settings(primary, str(tmp_path / "dr"))
     assert folder.catalog_uri == f"sqlite:///{tmp_path / 'dr' / 'catalog.db'}"
-    rest = replica_settings("https://catalog.example/api", "s3://bucket/dr")
+    assert folder.replicas == []  # a replica has no replicas of its own
+    rest = replica_settings(primary, "https://catalog.example/api", "s3://bucket/dr")
     assert (rest.catalog_type, rest.warehouse) == ("rest", "s3://bucket/dr")
     with pytest.raises(LakehouseError, match="--warehouse"):
-        replica_settings("postgresql+psycopg2://u@h/db", None)
+        replica_settings(primary, "postgresql+psycopg2://u@h/db")
+    # An erasure opens replicas without creating them: an unmounted backup is not an empty replica.
+    with pytest.raises(LakehouseError, match="holds no lakehouse"):
+        replica_settings(primary, str(tmp_path / "unmounted"), create=False)
+    assert not (tmp_path / "unmounted").exists()
