@@ -6,9 +6,14 @@
 (c) rtml (``deployments.app``) over HTTP, predictions written to the lakehouse as in production.
 
 (b) and (c) get the same JSON requests (one window each) from a closed-loop HTTP client at each
-concurrency; (c) also gets its binary form (``.npy`` batches of ``--binary-windows`` windows).
-Each Ray configuration (``--ray-env``: Serve's defaults, ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, and
-that plus Serve's HAProxy ingress) runs in a fresh local Ray cluster in a child process, so that
+concurrency, rtml's with a writer's bearer token (as its API requires); (c) also gets its binary
+form (``.npy`` batches of ``--binary-windows`` windows). With ``--tls``, (c) gets the same load
+again through the TLS entry ``rtml up`` starts (HAProxy terminating TLS, client certificates
+required, in front of Serve's HTTP port) from clients with the minted client certificate: what
+TLS and mutual TLS at the entry cost.
+Each Ray configuration (``--ray-env``: Serve's defaults, ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``,
+that plus Serve's HAProxy ingress, and that with Ray's own TLS between its processes,
+``haproxy+ray-tls``) runs in a fresh local Ray cluster in a child process, so that
 Serve's environment switches really apply; (b) and (c) always share a configuration.
 
 The models are trained on generated data first (seconds); nothing is downloaded.
@@ -21,6 +26,7 @@ import io
 import json
 import os
 import platform
+import ssl
 
 import rich.markup
 import socket
@@ -35,15 +41,21 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.results import RESULTS_FILE, write_section
+from deployments.control import TLS_FRONT
 
 RAY_ENVS = {
     "default": {},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    # The same with Ray's own TLS between its processes (gRPC: GCS, raylets, workers, and the
+    # replicas' calls to each other in the throughput mode), certificates minted for the run.
+    "haproxy+ray-tls": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_USE_TLS": "1"},
 }
 TENANT = "bench"
 KINDS = ("rnn", "cnn")
 WINDOW_LENGTH = 32
+TLS_ENTRY_PROCESS = "haproxy (TLS entry)"  # how CPU profiles name the TLS entry's HAProxy
+TOKEN_TTL_S = 86400.0  # the clients' bearer token outlives any run
 
 
 @dataclass
@@ -146,11 +158,14 @@ def _descendants(root: int) -> list[int]:
 
 def _process_name(pid: int) -> str:
     try:
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return "?"
+    title = arguments[0]
     if title.startswith("ray::"):
         return title.split(".")[0].split(" ")[0]
+    if any(argument.endswith(f"{TLS_FRONT}.cfg") for argument in arguments):
+        return TLS_ENTRY_PROCESS  # not Serve's own HAProxy, which runs the same binary
     return Path(title).name or "?"
 
 
@@ -177,7 +192,9 @@ def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
 # HTTP load --------------------------------------------------------------------------------------
 
 
-async def _load(url: str, body: bytes, content_type: str, concurrency: int, seconds: float, warmup_s: float) -> tuple[int, int, float, list[float]]:
+async def _load(
+    url: str, body: bytes, content_type: str, concurrency: int, seconds: float, warmup_s: float, auth: dict[str, str] | None = None, tls: ssl.SSLContext | None = None
+) -> tuple[int, int, float, list[float]]:
     import aiohttp
 
     latencies: list[float] = []
@@ -191,7 +208,7 @@ async def _load(url: str, body: bytes, content_type: str, concurrency: int, seco
         async def client() -> None:
             while (now := time.perf_counter()) < stop_at:
                 try:
-                    async with session.post(url, data=body, headers={"content-type": content_type}) as response:
+                    async with session.post(url, data=body, headers={"content-type": content_type, **(auth or {})}, ssl=tls or True) as response:
                         await response.read()
                         good = response.status == 200
                 except aiohttp.ClientError:
@@ -210,7 +227,22 @@ async def _load(url: str, body: bytes, content_type: str, concurrency: int, seco
     return counts["ok"], counts["errors"], elapsed, latencies
 
 
-def measure_http(system: str, ray_env: str, form: str, url: str, body: bytes, content_type: str, windows: int, concurrency: int, seconds: float) -> Measurement:
+def measure_http(
+    system: str,
+    ray_env: str,
+    form: str,
+    url: str,
+    body: bytes,
+    content_type: str,
+    windows: int,
+    concurrency: int,
+    seconds: float,
+    auth: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> Measurement:
+    """``concurrency`` closed-loop clients posting ``body`` to ``url`` for ``seconds``; ``auth``:
+    headers every request carries besides its content type (rtml's bearer token); ``tls``: the
+    clients' TLS context for an https ``url`` (their certificate, the CA they trust)."""
     try:
         import uvloop
 
@@ -227,13 +259,16 @@ def measure_http(system: str, ray_env: str, form: str, url: str, body: bytes, co
     sampler = threading.Thread(target=sample_after_warmup)
     sampler.start()
     client_started = time.process_time()
-    ok, errors, elapsed, latencies = runner(_load(url, body, content_type, concurrency, seconds, warmup_s))
+    ok, errors, elapsed, latencies = runner(_load(url, body, content_type, concurrency, seconds, warmup_s, auth, tls))
     client_cpu = time.process_time() - client_started
     sampler.join()
     spent = cpu_spent(holder["before"], cpu_seconds(os.getpid()))  # type: ignore[arg-type]
     p50, p99 = _stats(latencies)
     per_request = 1000.0 * sum(spent.values()) / max(ok, 1)
-    top = {name: round(1000.0 * seconds / max(ok, 1), 3) for name, seconds in list(spent.items())[:8]}
+    # The biggest spenders, and the TLS entry's HAProxy always: its share is what TLS termination costs.
+    names = list(spent)  # biggest first
+    shown = names[:8] + [name for name in names[8:] if name == TLS_ENTRY_PROCESS and spent[name] > 0]
+    top = {name: round(1000.0 * spent[name] / max(ok, 1), 3) for name in shown}
     client = 1000.0 * client_cpu / max(ok, 1) * seconds / (seconds + warmup_s)
     return Measurement(system, ray_env, form, concurrency, windows, ok, errors, elapsed, p50, p99, per_request, top, client, os.getloadavg()[0])
 
@@ -250,13 +285,15 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _wait_until_answers(url: str, body: bytes, content_type: str, timeout_s: float = 120.0) -> None:
+def _wait_until_answers(
+    url: str, body: bytes, content_type: str, timeout_s: float = 120.0, auth: dict[str, str] | None = None, tls: ssl.SSLContext | None = None
+) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.post(url, content=body, headers={"content-type": content_type}, timeout=10).status_code == 200:
+            if httpx.post(url, content=body, headers={"content-type": content_type, **(auth or {})}, timeout=10, verify=tls or True).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -267,8 +304,11 @@ def _wait_until_answers(url: str, body: bytes, content_type: str, timeout_s: flo
 # one Ray configuration (child process) -----------------------------------------------------------
 
 
-def run_ray_env(home: Path, ray_env: str, concurrencies: list[int], seconds: float, binary_windows: int, binary_concurrencies: list[int]) -> list[Measurement]:
-    """(b) then (c) on one fresh local Ray cluster started with ``RAY_ENVS[ray_env]``."""
+def run_ray_env(
+    home: Path, ray_env: str, concurrencies: list[int], seconds: float, binary_windows: int, binary_concurrencies: list[int], tls: bool = False
+) -> list[Measurement]:
+    """(b) then (c) on one fresh local Ray cluster started with ``RAY_ENVS[ray_env]``; with
+    ``tls``, (c) again through the TLS entry."""
     import ray
     from ray import serve
 
@@ -276,20 +316,25 @@ def run_ray_env(home: Path, ray_env: str, concurrencies: list[int], seconds: flo
     from deployments import control
     from lakehouse import Lakehouse
     from rtml.settings import Settings
+    from security.tokens import Role, TokenAuthority
 
     port = _free_port()
     # A fresh lakehouse per run, so that every run writes its predictions into an empty table. The
     # app's stream (consumers of the event log) is left out: it has no part in serving predicts.
     settings = Settings(
-        home=tempfile.mkdtemp(prefix="rtml-bench-lake-"), serving={"http_port": port, "model_kinds": list(KINDS), "run_stream": False}
+        home=tempfile.mkdtemp(prefix="rtml-bench-lake-"), serving={"http_port": port, "model_kinds": list(KINDS), "run_stream": False, "tls_port": _free_port()}
     )
     registry = Lakehouse.open(settings).registry
     for trained in Lakehouse.open(Settings(home=home)).registry.active(TENANT):
         registered = registry.register(trained)
         registry.promote(registered.name, registered.version)
     versions = registry.active(TENANT)
+    # rtml's clients are writers of the tenant, with a token signed by the app's keys (its settings:
+    # generated under its home on first use, or the deployment's secret); the stock app takes none.
+    auth = {"authorization": f"Bearer {TokenAuthority(settings).issue(TENANT, Role.WRITER, subject='rtml-bench-serve', ttl_s=TOKEN_TTL_S)}"}
     windows = np.random.default_rng(1).normal(10.0, 3.0, size=(max(binary_windows, 1), WINDOW_LENGTH)).astype(np.float32)
     json_body = json.dumps({"tenant": TENANT, "windows": [windows[0].tolist()]}).encode()
+    npy_body = _npy(windows[:binary_windows])
     base = f"http://127.0.0.1:{port}"
     results = []
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -307,18 +352,40 @@ def run_ray_env(home: Path, ray_env: str, concurrencies: list[int], seconds: flo
             results.append(measure_http("(b) stock Ray Serve", ray_env, "json", f"{base}/stock/predict", json_body, "application/json", 1, concurrency, seconds))
         serve.delete("stock")
         control.deploy(settings)
-        _wait_until_answers(f"{base}/v1/predict", json_body, "application/json")
+        # (c) over plain HTTP and, with ``tls``, through the TLS entry, point by point one after the
+        # other: both meet the same lakehouse (its tables grow as predictions land) and machine load.
+        entries = [("(c) rtml", base, None)]
+        if tls:
+            settings, client = _with_tls_entry(settings)
+            entries.append(("(c) rtml, TLS entry (mutual)", control.start_tls_front(settings, base.removeprefix("http://")), client))
+        for _, address, client in entries:
+            _wait_until_answers(f"{address}/v1/predict", json_body, "application/json", auth=auth, tls=client)
         for concurrency in concurrencies:
-            results.append(measure_http("(c) rtml", ray_env, "json", f"{base}/v1/predict", json_body, "application/json", 1, concurrency, seconds))
-        if binary_windows:
-            npy_body = _npy(windows[:binary_windows])
-            url = f"{base}/v1/predict?tenant={TENANT}"
-            for concurrency in binary_concurrencies:
-                results.append(measure_http("(c) rtml", ray_env, "npy", url, npy_body, "application/x-npy", binary_windows, concurrency, seconds))
+            for system, address, client in entries:
+                url = f"{address}/v1/predict"
+                results.append(measure_http(system, ray_env, "json", url, json_body, "application/json", 1, concurrency, seconds, auth, client))
+        for concurrency in binary_concurrencies:
+            for system, address, client in entries:
+                url = f"{address}/v1/predict?tenant={TENANT}"
+                results.append(measure_http(system, ray_env, "npy", url, npy_body, "application/x-npy", binary_windows, concurrency, seconds, auth, client))
     finally:
+        control.stop_tls_front(settings)
         serve.shutdown()
         ray.shutdown()
     return results
+
+
+def _with_tls_entry(settings):
+    """``settings`` with the TLS entry on (client certificates required) and certificates minted
+    under its home; and the TLS context of a client with the minted client certificate."""
+    from security.certs import mint_dev_pki
+
+    pki = mint_dev_pki(settings.home_dir / "certs")
+    files = {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key, "tls_client_ca_file": pki.ca_cert}
+    security = settings.security.model_copy(update={**{name: str(path) for name, path in files.items()}, "tls_client_auth": "required"})
+    client = ssl.create_default_context(cafile=str(pki.ca_cert))
+    client.load_cert_chain(pki.client_cert, pki.client_key)
+    return settings.model_copy(update={"security": security}), client
 
 
 # the whole benchmark -----------------------------------------------------------------------------
@@ -346,6 +413,7 @@ def run(
     home: Path | None = None,
     raw: bool = True,
     progress=print,
+    tls: bool = False,
 ) -> list[Measurement]:
     from rtml.settings import Settings
 
@@ -362,9 +430,11 @@ def run(
     for ray_env in ray_envs:
         progress(f"(b) and (c) on a fresh Ray cluster with {ray_env!r} Serve settings")
         command = [
-            sys.executable, "-m", "benchmarks.serve", "--child", str(home), ray_env, json.dumps(concurrencies), str(seconds), str(binary_windows), json.dumps(binary_concurrencies)
-        ]
-        child = subprocess.run(command, env={**os.environ, **RAY_ENVS[ray_env], **_haproxy_of_its_own(ray_env)}, capture_output=True, text=True)
+            sys.executable, "-m", "benchmarks.serve", "--child", str(home), ray_env, json.dumps(concurrencies), str(seconds), str(binary_windows), json.dumps(binary_concurrencies),
+            json.dumps(tls),
+        ]  # fmt: skip
+        environment = {**os.environ, **RAY_ENVS[ray_env], **_haproxy_of_its_own(ray_env), **_ray_tls_of_its_own(ray_env, home)}
+        child = subprocess.run(command, env=environment, capture_output=True, text=True)
         if child.returncode != 0:  # report it and go on with the other configurations
             progress(rich.markup.escape(f"the {ray_env!r} run failed:\n{child.stderr[-3000:]}"))
             continue
@@ -387,6 +457,17 @@ def _haproxy_of_its_own(ray_env: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
     }
+
+
+def _ray_tls_of_its_own(ray_env: str, home: Path) -> dict[str, str]:
+    """Ray's TLS certificate variables for a configuration with ``RAY_USE_TLS``: minted under
+    ``home`` (`rtml certs dev`'s CA and server certificate)."""
+    if "RAY_USE_TLS" not in RAY_ENVS[ray_env]:
+        return {}
+    from security.certs import mint_dev_pki
+
+    pki = mint_dev_pki(home / "certs")
+    return {"RAY_TLS_SERVER_CERT": str(pki.server_cert), "RAY_TLS_SERVER_KEY": str(pki.server_key), "RAY_TLS_CA_CERT": str(pki.ca_cert)}
 
 
 def table(results: list[Measurement]) -> str:
@@ -415,8 +496,10 @@ def machine() -> str:
 
 
 def _child(argv: list[str]) -> None:
-    home, ray_env, concurrencies, seconds, binary_windows, binary_concurrencies = argv
-    results = run_ray_env(Path(home), ray_env, json.loads(concurrencies), float(seconds), int(binary_windows), json.loads(binary_concurrencies))
+    home, ray_env, concurrencies, seconds, binary_windows, binary_concurrencies, tls = argv
+    results = run_ray_env(
+        Path(home), ray_env, json.loads(concurrencies), float(seconds), int(binary_windows), json.loads(binary_concurrencies), json.loads(tls)
+    )
     print(json.dumps([asdict(r) for r in results]))
 
 
@@ -424,26 +507,33 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
     _child(sys.argv[2:])
 
 
-def main(seconds: float, concurrencies: list[int], ray_envs: list[str], binary_windows: int, write: bool, console) -> list[Measurement]:
+def main(seconds: float, concurrencies: list[int], ray_envs: list[str], binary_windows: int, write: bool, console, tls: bool = False) -> list[Measurement]:
     unknown = set(ray_envs) - set(RAY_ENVS)
     if unknown:
         from rtml.errors import RtmlError
 
         raise RtmlError(f"unknown --ray-env {sorted(unknown)}; choose from {sorted(RAY_ENVS)}")
-    if "haproxy" in ray_envs:
+    behind_haproxy = [env for env in ray_envs if "RAY_SERVE_ENABLE_HA_PROXY" in RAY_ENVS[env]]
+    if behind_haproxy:
         from deployments.control import ensure_haproxy
 
         problem = ensure_haproxy()
         if problem:
-            console.print(f"[yellow]skipping the haproxy configuration:[/] {problem}")
-            ray_envs = [env for env in ray_envs if env != "haproxy"]
+            console.print(f"[yellow]skipping the configurations {behind_haproxy}:[/] {problem}")
+            ray_envs = [env for env in ray_envs if env not in behind_haproxy]
     load = os.getloadavg()
-    results = run(ray_envs, concurrencies, seconds, binary_windows, [1, 4, 16] if binary_windows else [], progress=console.print)
+    results = run(ray_envs, concurrencies, seconds, binary_windows, [1, 4, 16] if binary_windows else [], progress=console.print, tls=tls)
     text = table(results)
     console.print(text)
     if write:
         command = "rtml bench serve --write " + " ".join(
-            [f"--seconds {seconds:g}", *(f"--concurrency {c}" for c in concurrencies), *(f"--ray-env {e}" for e in ray_envs), f"--binary-windows {binary_windows}"]
+            [
+                f"--seconds {seconds:g}",
+                *(f"--concurrency {c}" for c in concurrencies),
+                *(f"--ray-env {e}" for e in ray_envs),
+                f"--binary-windows {binary_windows}",
+                *(["--tls"] if tls else []),
+            ]
         )
         write_section("serving", report(results, command, load, os.getloadavg()))
         console.print(f"written to {RESULTS_FILE}")

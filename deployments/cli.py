@@ -79,6 +79,9 @@ def up(
 
     settings = get_settings()
     settings = settings.model_copy(update={"home": settings.home_dir})
+    tls = control.tls_enabled(settings)
+    if tls:  # a wrong TLS setting is said now, not after minutes of start-up
+        control.check_tls_settings(settings)
     with console.status("starting Ray"):
         cluster = control.connect_or_start_cluster(settings)
     for note in cluster.notes:
@@ -93,9 +96,18 @@ def up(
     with console.status("deploying the serving app"):
         control.deploy(settings)
     address = control.http_address()
+    if tls:
+        plain = address
+        with console.status("starting the TLS entry"):
+            address = control.start_tls_front(settings, plain.removeprefix("http://"))
+        client_auth = settings.security.tls_client_auth
+        console.print(f"TLS entry {address} (client certificates: {client_auth}) in front of Serve's plain HTTP at {plain} (loopback only)")
     prefix = settings.serving.route_prefix.rstrip("/")
-    console.print(f"Ray cluster {'started' if cluster.started else 'in use'}; stop it with `ray stop`")
-    console.print(f"  GraphQL:        {address}{prefix}/graphql   (HTTP and WebSocket; header x-rtml-tenant: T)")
+    if cluster.started:
+        console.print("Ray cluster started; stop it with `rtml down`")
+    else:
+        console.print("Ray cluster in use (not started here: `rtml down` leaves it running)")
+    console.print(f"  GraphQL:        {address}{prefix}/graphql   (HTTP and WebSocket; header `authorization: Bearer $(rtml token issue --tenant T)`)")
     console.print(f"  ingest:         POST {address}{prefix}/v1/events   (JSON, a JSON array or NDJSON; /v1/events/binary for frames)")
     console.print(f"  predict:        POST {address}{prefix}/v1/predict   (JSON, .npy or Arrow IPC)")
     console.print(f"  OpenAPI:        GET  {address}{prefix}/openapi.json")
@@ -108,6 +120,16 @@ def up(
     # Ray's CLI sends the token of its token authentication only when told (RAY_AUTH_MODE).
     ray = "ray" if shutil.which("ray") else str(Path(sys.executable).with_name("ray"))
     console.print(f"  retrain:        RAY_AUTH_MODE=token {ray} job submit --address {dashboard} -- rtml train --tenant T")
+
+
+def down() -> None:
+    """Stop what `rtml up` started from this home: the TLS entry and the Ray cluster (by pid; other
+    Ray clusters on the machine are left alone)."""
+    from deployments import control
+    from rtml.settings import get_settings
+
+    stopped = control.down(get_settings())
+    console.print("stopped " + " and ".join(stopped) if stopped else "nothing to stop: `rtml up` started nothing from this home that still runs")
 
 
 def demo(
@@ -191,11 +213,12 @@ def _ask_graphql(settings) -> dict:
     """The demo's query, asked of the app that scored the replay (while it still runs)."""
     import httpx
 
-    from api.tenancy import TENANT_HEADER
+    from api.cli import issue
     from deployments.control import http_address
 
     url = f"{http_address()}{settings.serving.route_prefix.rstrip('/')}/graphql"
-    return httpx.post(url, json={"query": DEMO_QUERY}, headers={TENANT_HEADER: DEMO_TENANT_QUERIED}, timeout=30).json()
+    token = issue(settings, DEMO_TENANT_QUERIED, "reader", "rtml demo", ttl_s=300)
+    return httpx.post(url, json={"query": DEMO_QUERY}, headers={"authorization": f"Bearer {token}"}, timeout=30).json()
 
 
 def _print_graphql(demo_home: Path, settings, answer: dict | None = None) -> None:
@@ -206,7 +229,6 @@ def _print_graphql(demo_home: Path, settings, answer: dict | None = None) -> Non
     import orjson
 
     from api.cli import graphql_url
-    from api.tenancy import TENANT_HEADER
 
     if answer is not None:
         rows = [edge["node"] for edge in ((answer.get("data") or {}).get("anomalies") or {}).get("edges", [])]
@@ -219,7 +241,8 @@ def _print_graphql(demo_home: Path, settings, answer: dict | None = None) -> Non
     console.print("Ask it yourself: serve this data with the API, then query it (any GraphQL client works too):")
     console.print(f"  RTML_HOME={demo_home} rtml up --no-demo", highlight=False, soft_wrap=True)
     console.print(
-        f"  curl -s {graphql_url(settings)} -H 'content-type: application/json' -H '{TENANT_HEADER}: {DEMO_TENANT_QUERIED}' -d {shlex.quote(body)}",
+        f"  curl -s {graphql_url(settings)} -H 'content-type: application/json' "
+        f"-H \"authorization: Bearer $(RTML_HOME={demo_home} rtml token issue --tenant {DEMO_TENANT_QUERIED})\" -d {shlex.quote(body)}",
         highlight=False,
         soft_wrap=True,
     )

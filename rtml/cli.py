@@ -15,13 +15,13 @@ from rich.console import Console
 
 from agents.cli import agents_app, graph_app
 from api.cli import app as api_app
-from api.cli import query
+from api.cli import erase, query, token_app
 from cluster.cli import app as services_app
-from deployments.cli import demo, nab_app, up
+from deployments.cli import demo, down, nab_app, up
 from lakehouse.cli import app as lakehouse_app
-from lakehouse.cli import erase
 from models.cli import train as train_command
 from rtml.errors import RtmlError
+from security.cli import app as certs_app
 
 app = typer.Typer(
     name="rtml",
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(services_app, name="services")
 app.add_typer(api_app, name="api")
+app.add_typer(token_app, name="token")
 app.command()(query)
 app.add_typer(nab_app, name="nab")
 app.add_typer(agents_app, name="agents")
@@ -45,20 +46,23 @@ app.add_typer(lakehouse_app, name="lakehouse")
 app.command()(erase)
 app.command()(demo)
 app.command()(up)
+app.command()(down)
+app.add_typer(certs_app, name="certs")
 
 
 @bench_app.command("serve")
 def bench_serve(
     seconds: float = typer.Option(15.0, help="Measured seconds per point (after a warm-up)."),
     concurrency: list[int] = typer.Option([1, 16, 64], help="Concurrent HTTP clients (repeat the option)."),
-    ray_env: list[str] = typer.Option(["default", "throughput", "haproxy"], help="Ray Serve configurations to run (b) and (c) under."),
+    ray_env: list[str] = typer.Option(["default", "throughput", "haproxy"], help="Ray Serve configurations to run (b) and (c) under: default, throughput, haproxy, haproxy+ray-tls."),
     binary_windows: int = typer.Option(1024, help="Windows per .npy request for rtml's binary form (0: skip)."),
     write: bool = typer.Option(False, "--write", help="Write the table into benchmarks/RESULTS.md."),
+    tls: bool = typer.Option(False, "--tls", help="Also measure rtml through the TLS entry (mutual TLS) under the same load."),
 ) -> None:
     """Raw torch vs a stock Ray Serve app vs rtml, at concurrency 1, 16 and 64."""
     from benchmarks.serve import main as serve_benchmark
 
-    serve_benchmark(seconds, concurrency, ray_env, binary_windows, write, Console())
+    serve_benchmark(seconds, concurrency, ray_env, binary_windows, write, Console(), tls)
 
 
 @bench_app.command("stream")
