@@ -213,6 +213,15 @@ class DataAccess:
             self._audit_writer = self._lake.writer("audit")
         return self._audit_writer
 
+    def close(self) -> None:
+        """Make every audit entry recorded so far durable and release the writer and the vault."""
+        if self._audit_writer is not None:
+            self._audit_writer.close()
+            self._audit_writer = None
+        if self._own_vault is not None:
+            self._own_vault.close()
+            self._own_vault = None
+
     def flush_audit(self, timeout: float | None = None) -> None:
         """Wait until every audit entry recorded so far is durable."""
         if self._audit_writer is not None:

@@ -329,7 +329,6 @@ class Ensemble(graphene.ObjectType):
     members = graphene.List(graphene.NonNull(EnsembleMember), required=True, description="The active versions and their weights.")
     rollouts = graphene.List(graphene.NonNull(Rollout), required=True, description="Canary and shadow trials.")
     unhealthy = graphene.List(graphene.NonNull(graphene.String), required=True, description="Versions left out for now after failing.")
-    generation = graphene.Int(required=True, description="The router configuration's generation (bumped by promotions and rollouts).")
 
     @staticmethod
     def resolve_members(ensemble, info):

@@ -14,6 +14,7 @@ import asyncio
 import json
 import subprocess
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from rtml_up import rtml_up
 
 pytestmark = pytest.mark.timeout(900)
 TENANT = "demo"  # `rtml up` trains and promotes its models
-LIMITED = "limited"
+# Rate-limit counters live in the shared Redis for the window (1,000 s): a tenant of its own per run.
+LIMITED = f"limited-{uuid.uuid4().hex[:8]}"
 WINDOW_LENGTH = 16
 JS_CLIENTS = Path(__file__).resolve().parents[1] / "js"
 WAIT_S = 180.0

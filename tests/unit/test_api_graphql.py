@@ -7,6 +7,7 @@ lakehouse registry. No Ray."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 import logging
 import threading
 import time
@@ -198,15 +199,19 @@ def nodes(data: dict, field: str = "predictions") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
+def world(tmp_path_factory) -> Iterator[World]:
     """Shared by the read-only tests."""
-    return World(tmp_path_factory.mktemp("graphql-world"))
+    world = World(tmp_path_factory.mktemp("graphql-world"))
+    yield world
+    world.access.close()
 
 
 @pytest.fixture
-def fresh(tmp_path) -> World:
+def fresh(tmp_path) -> Iterator[World]:
     """Its own lakehouse, for tests that change data."""
-    return World(tmp_path)
+    world = World(tmp_path)
+    yield world
+    world.access.close()
 
 
 # schema ---------------------------------------------------------------------------------------
@@ -497,7 +502,7 @@ def test_a_malformed_document_is_a_parse_or_validation_failure(world):
 def test_an_unexpected_error_is_internal_logged_and_without_details(fresh, caplog):
     fresh.operations.fail_with = RuntimeError("secret detail of the router")
     with caplog.at_level(logging.ERROR, logger="api.graphql"):
-        body = fresh.gql("{ ensemble { generation } models { key } }")
+        body = fresh.gql("{ ensemble { members { model } } models { key } }")
     assert codes(body) == ["INTERNAL"]
     assert "secret detail" not in json.dumps(body)
     assert body["data"]["models"]  # the rest of the query is answered
@@ -507,7 +512,7 @@ def test_an_unexpected_error_is_internal_logged_and_without_details(fresh, caplo
 
 def test_a_refusal_of_the_running_app_keeps_its_reason_and_says_unavailable(fresh):
     fresh.operations.fail_with = Refusal(503, "the routers are restarting; retry in a second", 1.0)
-    body = fresh.gql("{ ensemble { generation } }")
+    body = fresh.gql("{ ensemble { members { model } } }")
     assert codes(body) == ["UNAVAILABLE"] and body["errors"][0]["message"] == "the routers are restarting; retry in a second"
 
 
