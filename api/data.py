@@ -51,7 +51,7 @@ import binascii
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -69,6 +69,7 @@ from lakehouse.api import audit_record
 from lakehouse.writer import BatchingWriter
 from rtml.schemas import EPOCH, Feedback, ModelStatus, ModelVersion, Refusal, SubjectId, TenantId, UtcDatetime, micros
 from rtml.settings import Settings
+from security.pii import Tokenizer
 from security.tokens import Principal
 from security.tokenvault import TokenNotFound, TokenVault
 
@@ -181,6 +182,7 @@ class DataAccess:
         """``first_hop``: this process's tokenizer and token vault (an erasure makes them forget the subject)."""
         self.settings = settings
         self._first_hop = first_hop
+        self.tokenizer = first_hop.tokenizer if first_hop is not None else Tokenizer(settings)
         self._own_vault: TokenVault | None = None
         self._operations = operations
         self._feed = feed
@@ -263,7 +265,7 @@ class TenantData:
         """A page of the tenant's predictions, newest first. ``as_of``/``snapshot_id`` read the
         table as it was (the first page; later pages follow their cursor's snapshot); ``columns``
         limits what is read (the page's time and id columns are always read)."""
-        where = where.checked()
+        where = self._as_stored(where)
         condition: BooleanExpression = AlwaysTrue()
         if where.entity is not None:
             condition = And(condition, EqualTo("entity", where.entity))
@@ -291,6 +293,7 @@ class TenantData:
     ) -> Page:
         """A page of the tenant's enrichments (the agents' findings), newest first."""
         checked = PredictionFilter(start=start, end=end).checked()
+        entity = self._stored_entity(entity)
         condition: BooleanExpression = AlwaysTrue()
         if prediction_id is not None:
             condition = And(condition, EqualTo("prediction_id", prediction_id))
@@ -316,7 +319,7 @@ class TenantData:
         ``by_entity``): ``count``, ``anomalies``, ``anomaly_rate``, ``events_per_second`` and the
         ensemble score's ``p50``/``p90``/``p99`` (linear interpolation; None in an empty window).
         Every window is listed, empty ones too (per entity: each entity that has rows)."""
-        where = PredictionFilter(where.entity, start, end, where.model).checked()
+        where = self._as_stored(PredictionFilter(where.entity, start, end, where.model))
         if window_seconds < 1:
             raise ApiError(BAD_USER_INPUT, f"window must be a whole number of seconds >= 1, got {window_seconds}")
         width_us = window_seconds * 1_000_000
@@ -521,10 +524,11 @@ class TenantData:
     def live_predictions(self, where: PredictionFilter = PredictionFilter()) -> AsyncIterator[dict[str, Any]]:
         """The tenant's predictions as they are scored (from the feed, never a poll of the
         lakehouse) that pass ``where``; a bad filter is refused here, before anything streams."""
-        return self._live("predictions", where.checked().matches)
+        return self._live("predictions", self._as_stored(where).matches)
 
     def live_enrichments(self, prediction_id: str | None = None, entity: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """The tenant's enrichments as the agents store them, of one prediction or entity."""
+        entity = self._stored_entity(entity)
 
         def wanted(item: Mapping[str, Any]) -> bool:
             return (prediction_id is None or item.get("prediction_id") == prediction_id) and (entity is None or item.get("entity") == entity)
@@ -633,6 +637,17 @@ class TenantData:
             for name, table in tables.items():
                 cursor.register(name, table)
             return cursor.execute(query, dict(parameters)).fetchall()
+
+    def _as_stored(self, where: PredictionFilter) -> PredictionFilter:
+        """``where`` checked, its entity as the tables hold it (``_stored_entity``)."""
+        checked = where.checked()
+        return replace(checked, entity=self._stored_entity(checked.entity))
+
+    def _stored_entity(self, entity: str | None) -> str | None:
+        """An entity as rtml stores it: with its personal data replaced by the same tokens the first
+        hop gave it, so a caller may name an entity by its plain value and the audit trail records
+        only the token."""
+        return None if entity is None else self._access.tokenizer.redact(entity)
 
     async def _own_model(self, model_key: str) -> ModelVersion:
         """The tenant's model version ``name@version``; another tenant's is not found, alike."""

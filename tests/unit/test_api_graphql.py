@@ -708,3 +708,21 @@ def test_only_an_admin_reverses_a_token_of_its_own_tenant_and_it_is_audited(fres
     assert len(revealed) == 1 and json.loads(revealed[0]["details"])["token"] == token
     assert all("bob@example.com" not in entry["details"] for entry in entries)
     first_hop.close()
+
+
+def test_an_entity_is_found_by_its_plain_value_and_audited_by_its_token(fresh):
+    from api.ingest import PiiFirstHop
+
+    card = "card 4111 1111 1111 1111"
+    stored = PiiFirstHop(fresh.settings).score_request(
+        ScoreRequest(tenant="acme", windows=np.zeros((1, 1), np.float32), entities=[card])
+    ).entities[0]
+    assert stored != card
+    rows = prediction_rows("acme", [0], ids="carded").to_pylist()
+    fresh.lake.append_idempotent("predictions", [{**row, "entity": stored} for row in rows])
+    found = nodes(fresh.ok("query($e: String) { predictions(entity: $e) { edges { node { predictionId entity } } } }", "acme", e=card))
+    assert [(node["predictionId"], node["entity"]) for node in found] == [("carded-0", stored)]
+    fresh.access.flush_audit(30)
+    entries = nodes(fresh.ok("{ auditEntries(first: 100) { edges { node { rowFilter details } } } }", "acme"), "auditEntries")
+    assert any(stored in (entry["rowFilter"] or "") for entry in entries)
+    assert not any("4111" in (entry["rowFilter"] or "") + entry["details"] for entry in entries)
