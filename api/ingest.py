@@ -128,11 +128,14 @@ def _ndjson_line(line: bytes) -> Any:
 class Ingestor:
     """What ``POST /v1/events`` and ``/v1/events/binary`` do with a parsed request (module
     docstring). ``events_writer`` opens the lakehouse ``events`` writer, on the first batch-path
-    event. The Ingestor owns both, and the token vault it opens: ``close`` closes all three."""
+    event. ``first_hop`` is the process's tokenizer and token vault (default: its own), so that an
+    erasure in the same process empties the caches ingestion fills. The Ingestor owns the log, the
+    writer and a first hop of its own: ``close`` closes them."""
 
-    def __init__(self, settings: Settings, log: EventLogWriter, events_writer: Callable[[], BatchingWriter]):
+    def __init__(self, settings: Settings, log: EventLogWriter, events_writer: Callable[[], BatchingWriter], first_hop: PiiFirstHop | None = None):
         self._routes = DataRouter(settings.streaming.routes, settings.streaming.land_stream_events).routes
-        self._pii = PiiFirstHop(settings)
+        self._owns_first_hop = first_hop is None
+        self._pii = first_hop or PiiFirstHop(settings)
         self._log = log
         self._open_writer = events_writer
         self._writer: BatchingWriter | None = None
@@ -141,7 +144,7 @@ class Ingestor:
         self._lakehouse_timeout_s = settings.serving.request_timeout_s
 
     @classmethod
-    def open(cls, settings: Settings) -> Ingestor:
+    def open(cls, settings: Settings, first_hop: PiiFirstHop | None = None) -> Ingestor:
         """An Ingestor over the configured event log (``open_event_log_writer``) and the lakehouse's
         ``events`` table (connected on the first batch-path event)."""
 
@@ -150,7 +153,7 @@ class Ingestor:
 
             return Lakehouse.open(settings).writer("events")
 
-        return cls(settings, open_event_log_writer(settings), events_writer)
+        return cls(settings, open_event_log_writer(settings), events_writer, first_hop)
 
     def ingest_documents(self, tenant: str, documents: list[Any]) -> Ingested:
         """Validate, route and durably hand on every good document (JSON events: ``parse_json_body``)."""
@@ -253,7 +256,8 @@ class Ingestor:
     def close(self) -> None:
         """Close the log and the token vault, and write what is buffered for ``events`` and close its writer."""
         self._log.close()
-        self._pii.close()
+        if self._owns_first_hop:
+            self._pii.close()
         with self._writer_lock:
             if self._writer is not None:
                 self._writer.close()

@@ -191,7 +191,7 @@ class Ingress:
     def _ingest(self) -> Ingestor:
         if self._ingestor is None:
             try:
-                self._ingestor = Ingestor.open(self._all_settings)
+                self._ingestor = Ingestor.open(self._all_settings, self._pii)  # one tokenizer per replica: an erasure empties its caches
             except RtmlError as error:  # an event log that cannot be opened now; the reason is the operator's
                 log.error("cannot open the event log: %s", error)
                 raise Refusal(503, "the event log cannot take events right now; retry later", self._settings.retry_after_s) from None

@@ -201,3 +201,20 @@ def test_a_predict_requests_personal_fields_are_tokenized_and_revealable(setting
     assert vault.reveal("acme", tokenized.subjects[0]) == "alice@example.com"
     first_hop.close()
     vault.close()
+
+
+def test_an_ingestor_given_the_processs_first_hop_fills_that_tokenizers_caches(settings):
+    """The Ingress hands its own first hop to its Ingestor, so that an erasure there (which calls
+    ``forget_cached`` on it) empties the caches ingestion fills."""
+    first_hop = PiiFirstHop(settings)
+    lake = Lakehouse.open(settings)
+    ingestor = Ingestor(settings, open_event_log_writer(settings), lambda: lake.writer("events"), first_hop)
+    try:
+        assert ingestor.ingest_documents("acme", [_event(event_id="pii-1", subject="bob@example.com")]).accepted == 1
+        assert first_hop.tokenizer._token.cache_info().currsize > 0
+        first_hop.tokenizer.forget_cached()
+        assert first_hop.tokenizer._token.cache_info().currsize == 0
+    finally:
+        ingestor.close()
+    assert first_hop.vault.reveal("acme", first_hop.tokenizer.subject_token("bob@example.com")) == "bob@example.com"  # not closed by the ingestor
+    first_hop.close()
