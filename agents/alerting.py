@@ -21,8 +21,10 @@ from typing import Literal
 
 from agents.backends.alerts import Notifier
 from agents.evidence import Alert, AlertOutcome, GraphEvidence, Incident
+from observability import metrics
 
 Severity = Literal["critical", "warning", "info"]
+FailureReason = Literal["timeout", "error"]
 
 CRITICAL_PEAK = 0.9
 CRITICAL_BLAST_RADIUS = 5
@@ -67,17 +69,22 @@ class Alerter:
         """Fire ``alert`` (resolve it, when ``alert.ended_at`` is set) on every channel concurrently;
         one outcome per channel, in the channels' order. A channel that fails or outlasts
         ``timeout_s`` gives an outcome with ``ok=False`` and the error; it never raises and never
-        holds up the other channels."""
-        return list(await asyncio.gather(*(self._send_one(notifier, alert) for notifier in self.notifiers)))
+        holds up the other channels. A send with failed channels counts one failure of the alert
+        node per reason among them (``rtml_agent_node_failures_total``: timeout, error)."""
+        sent = await asyncio.gather(*(self._send_one(notifier, alert) for notifier in self.notifiers))
+        for reason in sorted({reason for _, reason in sent if reason is not None}):
+            metrics.AGENT_FAILURES.labels(node="alert", reason=reason).inc()
+        return [outcome for outcome, _ in sent]
 
-    async def _send_one(self, notifier: Notifier, alert: Alert) -> AlertOutcome:
+    async def _send_one(self, notifier: Notifier, alert: Alert) -> tuple[AlertOutcome, FailureReason | None]:
         action: Literal["fired", "resolved"] = "resolved" if alert.ended_at is not None else "fired"
         call = notifier.resolve(alert) if action == "resolved" else notifier.fire(alert)
-        error = None
+        error: str | None = None
+        reason: FailureReason | None = None
         try:
             await asyncio.wait_for(call, self.timeout_s)
         except TimeoutError:
-            error = f"{notifier.name} did not answer within {self.timeout_s:g} s (agents.alert_timeout_s)"
+            error, reason = f"{notifier.name} did not answer within {self.timeout_s:g} s (agents.alert_timeout_s)", "timeout"
         except Exception as failure:  # noqa: BLE001 - a channel's failure is reported in its outcome, whatever it is
-            error = str(failure) or type(failure).__name__
-        return AlertOutcome(channel=notifier.name, dedup_key=alert.dedup_key, action=action, ok=error is None, error=error)
+            error, reason = str(failure) or type(failure).__name__, "error"
+        return AlertOutcome(channel=notifier.name, dedup_key=alert.dedup_key, action=action, ok=error is None, error=error), reason

@@ -12,6 +12,10 @@ asked for while one is under way starts after it, with the incident as it is the
 between coalesce). Each run's result is one enrichment: stored in the lakehouse ``enrichments``
 table (id ``<incident>:<revision>``, idempotent), published to the live feed's ``enrichments``
 topic, and indexed for the Search agent as a past enrichment, so later incidents find it.
+
+Tracing: an incident whose anomalies include a traced one (``observe``'s ``traces``) has each run
+recorded as a span "rtml.enrich" in the trace of its first traced anomaly, with a child span per
+graph node ("rtml.agent.search", ".graph", ".reasoning", ".alert").
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +31,7 @@ from agents.evidence import Anomaly, Document, Incident
 from agents.graph import Nodes, build_graph, partial_nodes
 from agents.incidents import IncidentBook, names_any
 from agents.search import document_for_enrichment
+from observability import tracing
 from rtml.schemas import Prediction, utc_now
 
 log = logging.getLogger(__name__)
@@ -45,7 +50,7 @@ class Explainer:
         context: Callable[[Incident], str] = lambda incident: "",
         on_stored: Callable[[dict[str, Any]], None] = lambda row: None,  # each enrichment once durable (timing, counting)
     ):
-        self._graph = build_graph(nodes)
+        self._graph = build_graph(_TracedNodes(nodes))
         self._book = book
         self._store = store
         self._publish = publish
@@ -56,15 +61,25 @@ class Explainer:
         self._under_way: dict[str, Incident] = {}  # incident id -> the incident its run under way explains
         self._again: dict[str, Incident] = {}  # incident id -> the incident to run next
         self._explained: dict[str, Any] = {}  # incident id -> its latest Reasoning (for the resolve)
+        self._traces: dict[str, tracing.Carrier] = {}  # incident id -> its trace's carrier, while open
         self.enrichments: list[dict[str, Any]] = []  # what this process stored, newest last (bounded)
 
-    async def observe(self, predictions: Sequence[Prediction], watermarks: Mapping[str, datetime] | None = None, wall_s: float | None = None) -> list[str]:
+    async def observe(
+        self,
+        predictions: Sequence[Prediction],
+        watermarks: Mapping[str, datetime] | None = None,
+        wall_s: float | None = None,
+        traces: Mapping[str, tracing.Carrier] | None = None,
+    ) -> list[str]:
         """File the anomalous ones among ``predictions``; start the runs that became due; returns
-        the ids of the incidents that will be (re-)explained or resolved."""
+        the ids of the incidents that will be (re-)explained or resolved. ``traces``: the carriers
+        of the traced predictions, by event id."""
         wall_s = time.time() if wall_s is None else wall_s
         anomalies = [Anomaly.from_prediction(p) for p in predictions if p.is_anomaly]
         started = []
-        for step in self._book.add(anomalies, wall_s):
+        for step in self._book.add(anomalies, wall_s, traces):
+            if step.trace is not None:
+                self._traces[step.incident.incident_id] = step.trace
             if step.action == "explain":
                 started.append(self._start(step.incident))
         for incident in self._book.resolve_quiet(watermarks or {}, wall_s):
@@ -91,6 +106,7 @@ class Explainer:
         for incident_id in forgotten:
             self._again.pop(incident_id, None)
             self._explained.pop(incident_id, None)
+            self._traces.pop(incident_id, None)
             if incident_id in self._running:
                 self._running[incident_id].cancel()
         kept = [row for row in self.enrichments if not (row["tenant"] == tenant and (row["prediction_id"] in prediction_ids or row["event_id"] in event_ids))]
@@ -127,6 +143,15 @@ class Explainer:
             self._under_way.pop(incident_id, None)
 
     async def _run(self, incident: Incident, anomalous: Mapping[str, datetime]) -> dict[str, Any]:
+        """``_enrich``, in a span "rtml.enrich" of the incident's trace when it has one (the
+        resolving run is its last)."""
+        incident_id = incident.incident_id
+        carrier = self._traces.pop(incident_id, None) if incident.status == "resolved" else self._traces.get(incident_id)
+        attributes = {tracing.TENANT: incident.tenant, tracing.ENTITY: incident.entity, "rtml.incident": incident_id}
+        with tracing.stage("rtml.enrich", [carrier] if carrier else [], attributes):
+            return await self._enrich(incident, anomalous)
+
+    async def _enrich(self, incident: Incident, anomalous: Mapping[str, datetime]) -> dict[str, Any]:
         state: dict[str, Any] = {"incident": incident, "anomalous": dict(anomalous), "context": self._context(incident)}
         if incident.status == "resolved" and incident.incident_id in self._explained:
             state["explanation"] = self._explained.pop(incident.incident_id)
@@ -153,6 +178,25 @@ class Explainer:
             except Exception as error:  # search is context, not the record
                 log.warning("agents: could not index the enrichment of incident %s: %s", incident.incident_id, error)
         return row
+
+
+class _TracedNodes:
+    """The graph's nodes (``agents.graph.Nodes``), each run in a span "rtml.agent.<node>", child
+    of the run's current span ("rtml.enrich"; untraced runs have none, and their nodes no span)."""
+
+    def __init__(self, nodes: Nodes):
+        self.run_search = _traced_node("search", nodes.run_search)
+        self.run_graph = _traced_node("graph", nodes.run_graph)
+        self.run_reasoning = _traced_node("reasoning", nodes.run_reasoning)
+        self.run_alert = _traced_node("alert", nodes.run_alert)
+
+
+def _traced_node(node: str, run: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+    async def traced(state: Any) -> Any:
+        with tracing.stage(f"rtml.agent.{node}", tracing.current()):
+            return await run(state)
+
+    return traced
 
 
 def enrichment_row(state: Mapping[str, Any]) -> dict[str, Any]:

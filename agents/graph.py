@@ -13,7 +13,8 @@ both branches (LangGraph runs "reasoning" once, after both wrote their evidence)
 Every node is bounded by its timeout (``agents.*_timeout_s``) and has a fallback: a backend that is
 slow or down gives evidence marked ``partial`` with the error, the reasoning node falls back to the
 template reasoner, and the alert node reports a failed channel in its outcomes. So a run always
-ends, with whatever the nodes found in time.
+ends, with whatever the nodes found in time. Each node run is timed (``rtml_agent_node_seconds``)
+and each fallback counted, by node and reason (``rtml_agent_node_failures_total``).
 
 A resolved incident goes straight to the alert node, which resolves the incident's alert with the
 summary it was last explained with (no new LLM call).
@@ -34,6 +35,7 @@ from langgraph.graph import END, START, StateGraph
 from agents.alerting import Alerter, alert_for
 from agents.evidence import AlertOutcome, GraphEvidence, Incident, Reasoning, SearchEvidence
 from agents.reasoning import Reasoner
+from observability import metrics
 
 SearchCall = Callable[[Incident, str], Awaitable[SearchEvidence]]
 GraphCall = Callable[[Incident, Mapping[str, datetime]], Awaitable[GraphEvidence]]
@@ -66,16 +68,16 @@ class Nodes:
         try:
             evidence = await asyncio.wait_for(self.search(state["incident"], state.get("context", "")), self.search_timeout_s)
         except Exception as error:
-            evidence = SearchEvidence(partial=True, error=_failure("search", error, self.search_timeout_s))
-        return {"search_evidence": evidence, "node_seconds": {"search": time.monotonic() - started}}
+            evidence = SearchEvidence(partial=True, error=_failed("search", error, self.search_timeout_s))
+        return {"search_evidence": evidence, "node_seconds": _timed("search", started)}
 
     async def run_graph(self, state: ExplainState) -> ExplainState:
         started = time.monotonic()
         try:
             evidence = await asyncio.wait_for(self.graph(state["incident"], state.get("anomalous", {})), self.graph_timeout_s)
         except Exception as error:
-            evidence = GraphEvidence(partial=True, error=_failure("graph", error, self.graph_timeout_s))
-        return {"graph_evidence": evidence, "node_seconds": {"graph": time.monotonic() - started}}
+            evidence = GraphEvidence(partial=True, error=_failed("graph", error, self.graph_timeout_s))
+        return {"graph_evidence": evidence, "node_seconds": _timed("graph", started)}
 
     async def run_reasoning(self, state: ExplainState) -> ExplainState:
         started = time.monotonic()
@@ -86,9 +88,9 @@ class Nodes:
             explanation = await asyncio.wait_for(self.reasoner.explain(incident, search, graph), self.reasoning_timeout_s + 1.0)
         except Exception as error:
             explanation = (await self.fallback_reasoner.explain(incident, search, graph)).model_copy(
-                update={"fallback": True, "error": _failure("reasoning", error, self.reasoning_timeout_s)}
+                update={"fallback": True, "error": _failed("reasoning", error, self.reasoning_timeout_s)}
             )
-        return {"explanation": explanation, "node_seconds": {"reasoning": time.monotonic() - started}}
+        return {"explanation": explanation, "node_seconds": _timed("reasoning", started)}
 
     async def run_alert(self, state: ExplainState) -> ExplainState:
         started = time.monotonic()
@@ -97,7 +99,7 @@ class Nodes:
         description = _description(explanation)
         alert = alert_for(state["incident"], summary, description, state.get("graph_evidence") or GraphEvidence())
         outcomes = await self.alerter.send(alert)
-        return {"alert_outcomes": outcomes, "node_seconds": {"alert": time.monotonic() - started}}
+        return {"alert_outcomes": outcomes, "node_seconds": _timed("alert", started)}
 
 
 def route_start(state: ExplainState) -> list[str]:
@@ -139,7 +141,17 @@ def _description(explanation: Reasoning | None) -> str:
     return "\n".join(f"{name}: {text}" for name, text in explanation.sections.items() if text)
 
 
-def _failure(node: str, error: BaseException, timeout_s: float) -> str:
-    if isinstance(error, TimeoutError):
+def _timed(node: str, started: float) -> dict[str, float]:
+    """The node's seconds since ``started`` (``time.monotonic``), observed in ``rtml_agent_node_seconds``."""
+    seconds = time.monotonic() - started
+    metrics.AGENT_NODE.labels(node=node).observe(seconds)
+    return {node: seconds}
+
+
+def _failed(node: str, error: BaseException, timeout_s: float) -> str:
+    """Count the node's fallback (reason ``timeout`` or ``error``) and say what happened."""
+    timed_out = isinstance(error, TimeoutError)
+    metrics.AGENT_FAILURES.labels(node=node, reason="timeout" if timed_out else "error").inc()
+    if timed_out:
         return f"the {node} node timed out after {timeout_s:g}s"
     return f"the {node} node failed: {type(error).__name__}: {error}"

@@ -1,7 +1,7 @@
 """Incidents: which anomalies belong together, and when an incident is explained, updated and resolved.
 
     book = IncidentBook(gap_s=300, reexplain_after_s=600)
-    steps = book.add(anomalies, wall_s=time.time())   # -> [Step(incident, "explain" | "grow")]
+    steps = book.add(anomalies, wall_s=time.time())   # -> [Step(incident, "explain" | "grow", trace)]
     book.relate(incident_id, entities)                  # what the graph agent found it is connected to
     resolved = book.resolve_quiet(watermarks, wall_s)   # incidents that ended
     forgotten = book.forget(tenant, prediction_ids, event_ids)  # an erased subject's (api.erasure)
@@ -9,7 +9,8 @@
 Grouping. An anomaly joins an open incident of its tenant when its entity is in the incident, or is
 related to it (``relate``: the incident's root-cause candidates and blast radius, as the graph agent
 found them), and its event time is within ``gap_s`` of the incident's span. Otherwise it opens a new
-incident. Anomalies of one batch are taken in event-time order, so a batch's order does not matter.
+incident (counted per tenant in ``rtml_incidents_opened_total``). Anomalies of one batch are taken
+in event-time order, so a batch's order does not matter.
 
 Explaining. A new incident is explained at once (``"explain"``); a growing one is explained again
 only when ``reexplain_after_s`` of wall time have passed since its last explanation *and* it has at
@@ -31,6 +32,8 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from agents.evidence import Anomaly, Incident
+from observability import metrics
+from observability.tracing import Carrier
 from rtml.schemas import new_id
 
 
@@ -46,6 +49,7 @@ def names_any(incident: Incident, tenant: str, prediction_ids: Collection[str], 
 class Step:
     incident: Incident  # a snapshot, safe to hand to the graph while the book moves on
     action: Literal["explain", "grow"]
+    trace: Carrier | None = None  # the incident's trace (its first traced anomaly's): its runs continue it
 
 
 @dataclass
@@ -55,6 +59,7 @@ class _Open:
     explained_anomalies: int = 0  # anomalies when last explained
     explained_wall_s: float = 0.0
     last_wall_s: float = 0.0  # wall time of the latest anomaly
+    trace: Carrier | None = None  # the carrier of its first traced anomaly (observability.tracing)
 
 
 class IncidentBook:
@@ -64,16 +69,22 @@ class IncidentBook:
         self._reexplain_after_s = reexplain_after_s
         self._open: dict[str, _Open] = {}
 
-    def add(self, anomalies: Iterable[Anomaly], wall_s: float) -> list[Step]:
+    def add(self, anomalies: Iterable[Anomaly], wall_s: float, traces: Mapping[str, Carrier] | None = None) -> list[Step]:
         """File each anomaly under its incident; returns one step per incident touched (the
-        latest action for it: an incident opened in this call is "explain" whatever grew after)."""
+        latest action for it: an incident opened in this call is "explain" whatever grew after).
+        ``traces``: the carriers of the traced anomalies by event id; an incident keeps its first
+        traced anomaly's."""
         steps: dict[str, Literal["explain", "grow"]] = {}
+        traces = traces or {}
         for anomaly in sorted(anomalies, key=lambda a: (a.event_time, a.entity, a.prediction_id)):
             held = self._find(anomaly)
             if held is None:
                 held = self._open_incident(anomaly, wall_s)
+                held.trace = traces.get(anomaly.event_id)
                 steps[held.incident.incident_id] = "explain"
                 continue
+            if held.trace is None:
+                held.trace = traces.get(anomaly.event_id)
             self._grow(held, anomaly, wall_s)
             if steps.get(held.incident.incident_id) != "explain":
                 steps[held.incident.incident_id] = "explain" if self._due_again(held, wall_s) else "grow"
@@ -84,7 +95,7 @@ class IncidentBook:
                 held.explained_anomalies = held.incident.anomalies
                 held.explained_wall_s = wall_s
                 held.incident = held.incident.model_copy(update={"revision": held.incident.revision + 1})
-            result.append(Step(held.incident.model_copy(deep=True), action))
+            result.append(Step(held.incident.model_copy(deep=True), action, held.trace))
         return result
 
     def relate(self, incident_id: str, entities: Iterable[str]) -> None:
@@ -166,6 +177,7 @@ class IncidentBook:
         )
         held = _Open(incident, last_wall_s=wall_s)
         self._open[incident.incident_id] = held
+        metrics.INCIDENTS.labels(tenant=anomaly.tenant).inc()
         return held
 
     def _grow(self, held: _Open, anomaly: Anomaly, wall_s: float) -> None:

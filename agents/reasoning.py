@@ -12,7 +12,8 @@ Without a model (``llm=None``) the **template reasoner** fills the same sections
 from the same evidence, and its summary says it was written by a template, not a language model.
 When the model times out (``agents.reasoning_timeout_s`` bounds the whole chain), answers non-2xx or
 a malformed body, the template stands in: ``fallback=True``, ``error`` saying what happened,
-``provider="template"`` and ``model`` naming what failed (``"openai:gpt-x failed"``). Evidence that
+``provider="template"`` and ``model`` naming what failed (``"openai:gpt-x failed"``); it counts as a
+failure of the reasoning node (``rtml_agent_node_failures_total``, reason timeout or error). Evidence that
 a node marked partial is stated as unavailable, in the prompts and in the template alike.
 """
 
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from agents.backends.llm import LLM, LLMError, LLMTimeout
 from agents.evidence import Document, GraphEvidence, Incident, Reasoning, SearchEvidence
+from observability import metrics
 from rtml.settings import AgentsSettings
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -101,7 +103,9 @@ class Reasoner:
             return await self._chain(self._llm, incident, search, graph)
         except LLMError as error:
             failed = f"{self._llm.provider}:{self._llm.model} failed"
-            if isinstance(error, LLMTimeout):
+            timed_out = isinstance(error, LLMTimeout)
+            metrics.AGENT_FAILURES.labels(node="reasoning", reason="timeout" if timed_out else "error").inc()
+            if timed_out:
                 reason = f"timed out (agents.reasoning_timeout_s = {self._timeout_s:g}s for the whole chain): {error}"
             else:
                 reason = str(error)

@@ -72,6 +72,7 @@ from rtml.settings import Settings
 from security.pii import Tokenizer
 from security.tokens import Principal
 from security.tokenvault import TokenNotFound, TokenVault
+from streaming.drift import DriftBoardUnavailable, board_view
 
 if TYPE_CHECKING:
     from api.ingest import PiiFirstHop
@@ -411,6 +412,34 @@ class TenantData:
             dict(found.unregistered_models),
         )
 
+    async def drift(self) -> dict[str, list[dict[str, Any]]]:
+        """The tenant's drift as the stream's drift board has it (``streaming.drift``): ``checks``,
+        per feature the latest (the worst over the consumers), and ``retrains``, the candidate
+        retraining runs drift started, newest first. Both empty when no board runs."""
+        try:
+            checks, retrains = await asyncio.to_thread(board_view, self._access.settings, self._tenant)
+        except DriftBoardUnavailable as error:
+            raise ApiError(UNAVAILABLE, str(error)) from error
+        self.record_access("read", "drift", row_count=len(checks) + len(retrains))
+        return {
+            "checks": [
+                {
+                    "feature": check["feature"],
+                    "psi": check["psi"],
+                    "ks": check["ks"],
+                    "live_events": check["live_events"],
+                    "reference_snapshot_id": check["reference_snapshot_id"],
+                    "over": check["over"],
+                    "sustained": check["sustained"],
+                    "checked_at": _unix_time(check["at"]),
+                }
+                for check in checks
+            ],
+            "retrains": [
+                {**run, "started_at": _unix_time(run["started_at"]), "finished_at": _unix_time(run["finished_at"])} for run in retrains
+            ],
+        }
+
     # writes ----------------------------------------------------------------------------------
 
     async def submit_feedback(self, verdicts: Sequence[Verdict]) -> list[dict]:
@@ -746,6 +775,10 @@ class _Cursor:
         moment = pa.scalar(self.time_us, pa.int64()).cast(rows.schema.field(time_column).type)
         times = rows[time_column]
         return pc.or_(pc.less(times, moment), pc.and_(pc.equal(times, moment), pc.less(rows[id_column], self.row_id)))
+
+
+def _unix_time(seconds: float | None) -> datetime | None:
+    return None if seconds is None else EPOCH + timedelta(seconds=seconds)
 
 
 def _model_ref(text: str, versioned: bool = False) -> tuple[str, int | None]:

@@ -30,12 +30,19 @@ Both ``ingest_*`` return only once everything accepted is durable (the log's ``a
 the lakehouse write is done); if the vault, the log or the lakehouse cannot take it now they raise
 ``Refusal(503, reason, retry_after_s)``, and the client sends the request again. Thread-safe: the
 Ingress calls them from several worker threads at once.
+
+Metrics: every event of a request is counted once, by the caller's tenant: accepted ones in
+``rtml_ingested_events_total`` per path once they are durable, refused ones in
+``rtml_ingest_rejected_events_total`` per cause, a bounded word (``Rejected.cause``; a request
+refused as a whole counts its events under its status's cause, ``counting_refusals``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,6 +50,7 @@ import numpy as np
 import orjson
 
 from lakehouse.writer import BatchingWriter
+from observability import metrics, tracing
 from rtml.schemas import DataType, Event, Refusal, ScoreRequest, validate_events
 from rtml.settings import Settings
 from security.pii import Tokenizer, VaultEntry
@@ -53,12 +61,19 @@ from streaming.router import DataRouter, event_columns, frame_array, frame_heade
 from streaming.sources.kafka import record_key
 
 JSON_TYPES = ("application/json", "application/x-ndjson")
+# Why events were refused, as rtml_ingest_rejected_events_total counts them (the reason text is the client's).
+INVALID = "invalid"  # not an event, or not a valid one
+FORBIDDEN = "forbidden"  # another tenant's event
+TOO_LARGE = "too_large"
+RATE_LIMITED = "rate_limited"
+UNAVAILABLE = "unavailable"  # a store could not take them now (503: sent again later)
 
 
 @dataclass
 class Rejected:
     index: int  # the event's position in the request
     reason: str
+    cause: str = INVALID  # INVALID or FORBIDDEN
 
 
 @dataclass
@@ -157,12 +172,12 @@ class Ingestor:
 
     def ingest_documents(self, tenant: str, documents: list[Any]) -> Ingested:
         """Validate, route and durably hand on every good document (JSON events: ``parse_json_body``)."""
-        reasons: list[str | None] = [None] * len(documents)
+        reasons: list[tuple[str, str] | None] = [None] * len(documents)  # (reason, cause)
         candidates: list[int] = []
         scoped: list[dict] = []
         found: list[list[VaultEntry]] = []
         for i, document in enumerate(documents):
-            reason = document.reason if isinstance(document, Unparsed) else _scope_problem(document, tenant)
+            reason = (document.reason, INVALID) if isinstance(document, Unparsed) else _scope_problem(document, tenant)
             if reason is None:
                 candidates.append(i)
                 tokenized = self._pii.tokenizer.tokenize(tenant, document if "tenant" in document else {**document, "tenant": tenant})
@@ -171,25 +186,28 @@ class Ingestor:
             reasons[i] = reason
         events, problems = validate_events(scoped)
         stream: list[LogRecord] = []
+        streamed: list[Event] = []  # the events of ``stream``
         batch: list[Event] = []
         entries: list[VaultEntry] = []
         event_ids: list[str | None] = [None] * len(documents)
         for i, document, event, problem, event_entries in zip(candidates, scoped, events, problems, found):
             if event is None:
-                reasons[i] = problem
+                reasons[i] = (problem, INVALID)
             elif event.data_type is DataType.IMAGE:
-                reasons[i] = "image events must arrive as binary frames (POST /v1/events/binary)"
+                reasons[i] = ("image events must arrive as binary frames (POST /v1/events/binary)", INVALID)
             else:
                 event_ids[i] = event.event_id
                 entries += event_entries
                 if self._routes[event.data_type.value] == "stream":
                     value = orjson.dumps({**document, "event_id": event.event_id})
                     stream.append(LogRecord(record_key(event.tenant, event.entity), value))
+                    streamed.append(event)
                 else:
                     batch.append(event)
         self._pii.store(tenant, entries)
-        self._hand_on(tenant, stream, batch, [None] * len(batch))
-        rejected = [Rejected(i, reason) for i, reason in enumerate(reasons) if reason is not None]
+        self._hand_on(tenant, _traced(stream, streamed), batch, [None] * len(batch))
+        rejected = [Rejected(i, *reason) for i, reason in enumerate(reasons) if reason is not None]
+        _count_rejected(tenant, rejected)
         return Ingested(len(stream) + len(batch), rejected, event_ids)
 
     def ingest_frame(self, tenant: str, fields: Mapping[str, str], frame: bytes) -> Ingested:
@@ -200,7 +218,9 @@ class Ingestor:
         (``"HxW"``, ``"H,W"`` or ``"[H, W]"``) and ``frame_dtype`` (``uint8`` or ``float32``),
         which join the attributes. An image's body must hold exactly ``H x W`` values of its dtype."""
         document, reason = _frame_document(fields)
-        reason = reason or _scope_problem(document, tenant)
+        cause = INVALID
+        if reason is None and (scope_problem := _scope_problem(document, tenant)) is not None:
+            reason, cause = scope_problem
         event: Event | None = None
         if reason is None:
             document.setdefault("tenant", tenant)
@@ -210,7 +230,9 @@ class Ingestor:
         if event is not None and event.data_type is DataType.IMAGE and isinstance(problem := frame_array(event.attributes, frame), str):
             reason = problem
         if reason is not None or event is None:
-            return Ingested(0, [Rejected(0, reason or "not an event")], [None])
+            rejected = [Rejected(0, reason or "not an event", cause)]
+            _count_rejected(tenant, rejected)
+            return Ingested(0, rejected, [None])
         entries = tokenized.entries
         if event.data_type is DataType.RECORD:  # a free-form body; an image's pixels are not text
             frame, body_entries = self._pii.tokenizer.tokenize_bytes(bytes(frame), tokenized.subject_token)
@@ -218,14 +240,15 @@ class Ingestor:
         self._pii.store(tenant, entries)
         if self._routes[event.data_type.value] == "stream":
             fields_header = {**document, "event_id": event.event_id, "attributes": event.attributes}
-            self._hand_on(tenant, [LogRecord(record_key(event.tenant, event.entity), bytes(frame), frame_headers(fields_header))], [], [])
+            record = LogRecord(record_key(event.tenant, event.entity), bytes(frame), frame_headers(fields_header))
+            self._hand_on(tenant, _traced([record], [event]), [], [])
         else:
             self._hand_on(tenant, [], [event], [bytes(frame)])
         return Ingested(1, [], [event.event_id])
 
     def _hand_on(self, tenant: str, stream: list[LogRecord], batch: list[Event], payloads: list[bytes | None]) -> None:
         """Append ``stream`` to the log and ``batch`` (with their payloads) to ``events``, side by
-        side; return once both are durable, or raise ``Refusal(503)``."""
+        side; return once both are durable (and counted per path), or raise ``Refusal(503)``."""
         landing = None
         if batch:
             rows = event_columns(batch, payloads, np.zeros(len(batch)), np.zeros(len(batch)), np.zeros(len(batch))).events_table()
@@ -246,6 +269,9 @@ class Ingestor:
                     f"({type(error).__name__}: {error}); send the request again later",
                     self._retry_after_s,
                 ) from error
+        for path, events in (("stream", stream), ("batch", batch)):
+            if events:
+                metrics.INGESTED.labels(tenant=tenant, path=path).inc(len(events))
 
     def _events_writer(self) -> BatchingWriter:
         with self._writer_lock:
@@ -264,15 +290,52 @@ class Ingestor:
                 self._writer = None
 
 
-def _scope_problem(document: Any, tenant: str) -> str | None:
-    """Why a document cannot be one of the caller's events before validation: not an object, or
-    another tenant's."""
+def _traced(records: list[LogRecord], events: list[Event]) -> list[LogRecord]:
+    """``records`` (one per event of ``events``), the sampled events' with their trace's carrier in
+    their headers: each traced event's trace begins here (``observability.tracing``), and the
+    DataRouter continues it from the log."""
+    begun = tracing.start_events(
+        "rtml.ingest",
+        [event.event_id for event in events],
+        lambda i: {tracing.TENANT: events[i].tenant, tracing.ENTITY: events[i].entity, tracing.EVENT_ID: events[i].event_id, tracing.SOURCE: "http"},
+    )
+    for i, carrier in begun.items():
+        records[i] = replace(records[i], headers=(*records[i].headers, *tracing.to_kafka_headers(carrier)))
+    return records
+
+
+def _scope_problem(document: Any, tenant: str) -> tuple[str, str] | None:
+    """Why a document cannot be one of the caller's events before validation, and its cause: not
+    an object (``INVALID``), or another tenant's (``FORBIDDEN``)."""
     if not isinstance(document, dict):
-        return f"a JSON {type(document).__name__} where an event object was expected"
+        return f"a JSON {type(document).__name__} where an event object was expected", INVALID
     named = document.get("tenant", tenant)
     if named != tenant:
-        return f"tenant {named!r} is not the caller's tenant {tenant!r}"
+        return f"tenant {named!r} is not the caller's tenant {tenant!r}", FORBIDDEN
     return None
+
+
+def _count_rejected(tenant: str, rejected: list[Rejected]) -> None:
+    for cause, count in Counter(refused.cause for refused in rejected).items():
+        metrics.INGEST_REJECTED.labels(tenant=tenant, reason=cause).inc(count)
+
+
+@contextmanager
+def counting_refusals(tenant: str, events: int) -> Iterator[None]:
+    """Around the handling of a parsed request of ``events`` events: a ``Refusal`` of the whole
+    request counts them all in ``rtml_ingest_rejected_events_total`` under its status's cause
+    (``refusal_cause``), and goes on up to the answer."""
+    try:
+        yield
+    except Refusal as refusal:
+        metrics.INGEST_REJECTED.labels(tenant=tenant, reason=refusal_cause(refusal.status)).inc(events)
+        raise
+
+
+def refusal_cause(status: int) -> str:
+    """The cause word of a request refused with HTTP ``status``."""
+    causes = {403: FORBIDDEN, 413: TOO_LARGE, 429: RATE_LIMITED}
+    return causes.get(status, UNAVAILABLE if status >= 500 else INVALID)
 
 
 def _frame_document(fields: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:

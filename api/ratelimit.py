@@ -12,7 +12,8 @@ storage round trip, not 500.
 Events are counted as they arrive, before validation: a tenant sending bad events is limited too.
 Over the limit, ``take`` raises ``Refusal(429)`` with the seconds until the window admits the batch
 (``Retry-After``); a batch larger than the whole burst can never pass and is a 413 saying so; a
-storage that does not answer is a 503, so that the limit never fails open silently.
+storage that does not answer is a 503, so that the limit never fails open silently. Each 429
+counts in ``rtml_rate_limited_requests_total`` of its tenant.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
+from observability import metrics
 from rtml.errors import RtmlError
 from rtml.schemas import Refusal
 from rtml.settings import ApiSettings, RateLimit
@@ -71,6 +73,7 @@ class TenantRateLimiter:
             log.error("the rate-limit storage %s does not answer: %s", _redacted(self._storage_uri), error)
             raise Refusal(503, "rate limits cannot be checked right now; retry later", 1.0) from None
         retry_after = max(1.0, math.ceil(stats.reset_time - time.time()))
+        metrics.RATE_LIMITED.labels(tenant=tenant).inc()
         raise Refusal(429, f"tenant {tenant!r} is over its rate limit of {item.amount} events per {item.multiples} s; retry later", retry_after)
 
     def _connected(self) -> SlidingWindowCounterRateLimiter:

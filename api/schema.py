@@ -467,6 +467,59 @@ class ErasureReport(graphene.ObjectType):
     stores = graphene.List(graphene.NonNull(StoreErasure), required=True, description="Per store, in the order erased.")
 
 
+class RetrainStatus(graphene.Enum):
+    class Meta:
+        description = _described(
+            "Where a retraining run that drift started is.",
+            {
+                "RUNNING": "Training.",
+                "REGISTERED": "Done: its candidates are registered (never promoted by the run: `promoteModel` does that).",
+                "FAILED": "Ended without candidates; `error` says why.",
+            },
+        )
+
+    RUNNING = "running"
+    REGISTERED = "registered"
+    FAILED = "failed"
+
+
+class DriftCheck(graphene.ObjectType):
+    class Meta:
+        description = "The latest drift check of a feature: its live window against the active model's training snapshot."
+
+    feature = graphene.String(required=True, description="The feature (`value`: the metric value the models read).")
+    psi = graphene.Float(required=True, description="Population stability index of the live window (the worst over the stream's consumers).")
+    ks = graphene.Float(required=True, description="Kolmogorov-Smirnov statistic of the live window (at the reference's quantile grid).")
+    live_events = graphene.Int(required=True, description="Values in the live window.")
+    reference_snapshot_id = graphene.ID(required=True, description="The events snapshot the reference was read at (the model's training data).")
+    over = graphene.Boolean(required=True, description="Whether PSI or KS was over its threshold.")
+    sustained = graphene.Boolean(required=True, description="Whether it was over in enough consecutive checks to start a retraining run.")
+    checked_at = graphene.DateTime(required=True, description="When it was checked.")
+
+
+class DriftRetrain(graphene.ObjectType):
+    class Meta:
+        description = "A candidate retraining run that sustained drift started."
+
+    started_at = graphene.DateTime(required=True, description="When it started.")
+    finished_at = graphene.DateTime(description="When it ended (null: running).")
+    status = graphene.Field(RetrainStatus, required=True, description="Running, registered or failed.")
+    models = graphene.List(graphene.NonNull(graphene.String), required=True, description="The candidates it registered, `name@version`.")
+    error = graphene.String(description="Why it failed (null unless it did).")
+
+    @staticmethod
+    def resolve_status(run, info):
+        return RetrainStatus.get(run["status"])
+
+
+class Drift(graphene.ObjectType):
+    class Meta:
+        description = "The tenant's drift: the latest checks per feature and the retraining runs they started."
+
+    checks = graphene.List(graphene.NonNull(DriftCheck), required=True, description="Per feature, the latest check.")
+    retrains = graphene.List(graphene.NonNull(DriftRetrain), required=True, description="Retraining runs, newest first.")
+
+
 # inputs ---------------------------------------------------------------------------------------
 
 
@@ -594,6 +647,12 @@ class Query(graphene.ObjectType):
         prediction_id=graphene.ID(description="Of this prediction only."),
         **_listing_args(),
     )
+    drift = graphene.Field(
+        Drift,
+        required=True,
+        description="Drift of the tenant's live data from its models' training data, and the retraining runs it started "
+        "(empty while the stream has not checked it).",
+    )
     audit_entries = graphene.Field(
         AuditEntryConnection,
         required=True,
@@ -642,6 +701,10 @@ class Query(graphene.ObjectType):
         return await _data(info).enrichments(
             prediction_id, entity, start, end, first, after, as_of=as_of, snapshot_id=_snapshot_id(snapshot_id)
         )
+
+    @staticmethod
+    async def resolve_drift(root, info):
+        return await _data(info).drift()
 
     @staticmethod
     async def resolve_audit_entries(root, info, start=None, end=None, first=None, after=None):

@@ -239,6 +239,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
 
     from deployments.control import throughput_environment
     from deployments.stream_client import deploy_scoring
+    from observability.logs import ray_runtime_env
     from streaming.scoring import warm_up
     from streaming.sources.kafka import ensure_topics, events_topic
 
@@ -281,7 +282,7 @@ def run(events: int, rate: float, seconds: float, consumers: int, console) -> Fi
     lake = Lakehouse.open(settings)
     ray_env = throughput_environment(settings)
     host += f", Ray Serve in its {'throughput-optimised' if ray_env else 'default'} mode"
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": ray_env})
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env=ray_runtime_env(settings, ray_env))
     try:
         client = deploy_scoring(settings)
         warm_up(client, list(TENANTS), settings.models.window_length)

@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from agents.evidence import Document, GraphEvidence, Incident, SearchEvidence
 from agents.workers import GraphWorker, SearchWorker, open_explainer
 from deployments.names import AGENT_GRAPH
+from observability import tracing
 from rtml.schemas import Prediction
 from rtml.settings import Settings
 from streaming.feed import open_feed
@@ -47,6 +48,7 @@ GraphAgent = serve.deployment(GraphWorker, name=GRAPH_AGENT)
 @serve.deployment(name=AGENT_GRAPH)
 class AgentGraph:
     def __init__(self, settings: Settings, search: DeploymentHandle, graph: DeploymentHandle):
+        tracing.configure(settings, "rtml-agents")
         self._feed = open_feed(settings)
 
         async def search_call(incident: Incident, context: str) -> SearchEvidence:
@@ -63,10 +65,13 @@ class AgentGraph:
         )
         self._ticker = asyncio.get_event_loop().create_task(self._tick_forever())
 
-    async def explain(self, predictions: Sequence[Prediction], watermarks: Mapping[str, datetime] | None = None) -> list[str]:
+    async def explain(
+        self, predictions: Sequence[Prediction], watermarks: Mapping[str, datetime] | None = None, traces: Mapping[str, tracing.Carrier] | None = None
+    ) -> list[str]:
         """File the anomalous predictions under their incidents and start the runs that are due;
-        returns the incidents touched, without waiting for their runs."""
-        return await self._explainer.observe(predictions, watermarks or {})
+        returns the incidents touched, without waiting for their runs. ``traces``: the carriers of
+        the traced predictions by event id; an incident's runs continue its first traced anomaly's trace."""
+        return await self._explainer.observe(predictions, watermarks or {}, traces=traces)
 
     async def forget(self, tenant: str, prediction_ids: list[str], event_ids: list[str]) -> int:
         """Forget an erased subject's anomalies held in this replica (``Explainer.forget``); returns
@@ -111,10 +116,10 @@ class AgentGraphClient:
         self._handle: DeploymentHandle | None = None
         self._pending: set = set()
 
-    def notify(self, predictions: list[Prediction], watermarks: dict[str, datetime]) -> None:
+    def notify(self, predictions: list[Prediction], watermarks: dict[str, datetime], traces: dict[str, tracing.Carrier] | None = None) -> None:
         if self._handle is None:
             self._handle = serve.get_deployment_handle(AGENT_GRAPH, self._app_name)
-        response = self._handle.explain.remote(predictions, watermarks)
+        response = self._handle.explain.remote(predictions, watermarks, traces or {})
         # Kept until done so that a failure is logged rather than lost.
         future = asyncio.ensure_future(_logged(response))
         self._pending.add(future)

@@ -78,7 +78,7 @@ def build_app(args: AppArgs) -> serve.Application:
             ray_actor_options=scorer_resources,
             max_ongoing_requests=serving.max_ongoing_requests,
             logging_config=logging_config,
-        ).bind(kind, serving)
+        ).bind(kind, serving, settings)
         for kind in serving.model_kinds
     }
     sink = PredictionSink.options(

@@ -86,6 +86,8 @@ def up(
         cluster = control.connect_or_start_cluster(settings)
     for note in cluster.notes:
         console.print(f"[yellow]note:[/] {note}")
+    if (registered := control.register_with_prometheus(settings, cluster)) is not None:
+        console.print(f"Prometheus scrapes the cluster: {registered}")
     if demo:
         from deployments.demo_models import DEMO_TENANT, ensure_demo_tenant
         from lakehouse import Lakehouse

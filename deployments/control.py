@@ -38,6 +38,7 @@ from deployments.app import IMPORT_PATH, ROUTER, AppArgs
 from deployments.router import RolloutConfig, RouterConfig
 from rtml.errors import RtmlError
 from rtml.schemas import ModelVersion
+from observability.logs import ray_runtime_env
 from rtml.settings import Settings, settings_file
 
 DEPLOY_TIMEOUT_S = 300.0
@@ -173,11 +174,17 @@ def running_apps() -> dict[str, tuple[str, str]]:
     return {name: (str(app.get("status")), app.get("route_prefix") or "") for name, app in applications.items()}
 
 
+# The file_sd list of the cluster's metrics endpoints that Ray's dashboard writes into the session
+# directory (ray._private.ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE in Ray 2.60).
+RAY_DISCOVERY_FILE = "prom_metrics_service_discovery.json"
+
+
 @dataclass
 class LocalCluster:
     started: bool  # False: a Ray cluster was already running and is used as it is
     dashboard_url: str
     notes: list[str]
+    session_dir: str = ""  # Ray's session directory (its logs, the dashboard's Prometheus discovery file)
 
 
 def throughput_environment(settings: Settings) -> dict[str, str]:
@@ -298,8 +305,25 @@ def connect_or_start_cluster(settings: Settings) -> LocalCluster:
         if started.returncode != 0:
             raise RtmlError(f"`ray start --head` failed:\n{stderr.strip() or stdout.strip()}")
         _write_pid(run_dir(settings) / RAY_GROUP_FILE, started.pid)
-    context = ray.init(address=address, namespace="serve", log_to_driver=False)
-    return LocalCluster(not running, context.dashboard_url, notes)
+    # Every process this driver's jobs start (Serve's controller and replicas included) logs JSON lines (observability.logs).
+    context = ray.init(address=address, namespace="serve", log_to_driver=False, runtime_env=ray_runtime_env(settings))
+    return LocalCluster(not running, context.dashboard_url, notes, context.address_info.get("session_dir", ""))
+
+
+def register_with_prometheus(settings: Settings, cluster: LocalCluster) -> Path | None:
+    """Have the Prometheus whose file_sd folder is ``observability.prometheus_sd_dir`` scrape the
+    cluster: the discovery file Ray's dashboard keeps up to date when there is one, else the nodes
+    as they are now (``observability.scrape``). None when no Prometheus is configured."""
+    from observability import scrape
+
+    sd_dir = settings.observability.prometheus_sd_dir
+    if not sd_dir:
+        return None
+    name = f"ray-{settings.serving.ray_port}"  # one file per cluster on this machine
+    discovery = Path(cluster.session_dir) / RAY_DISCOVERY_FILE if cluster.session_dir else None
+    if discovery is not None and discovery.is_file():
+        return scrape.link_ray_discovery_file(sd_dir, discovery, name)
+    return scrape.register_cluster(sd_dir, name)
 
 
 def _listening(address: str) -> bool:

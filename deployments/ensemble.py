@@ -126,11 +126,13 @@ class TenantEnsemble:
             tuple(replace(rollout, member=reweighted(rollout.member)) for rollout in self.rollouts),
         )
 
+    @property
+    def weights(self) -> dict[str, float]:
+        """Every model's weight by key: the active members' and the candidates' under trial."""
+        return {member.key: member.weight for member in (*self.members, *(rollout.member for rollout in self.rollouts))}
+
     def weight_of(self, key: str) -> float | None:
-        for member in (*self.members, *(rollout.member for rollout in self.rollouts)):
-            if member.key == key:
-                return member.weight
-        return None
+        return self.weights.get(key)
 
     def _fitting(self, data_type: str) -> list[Member]:
         return [member for member in self.members if member.data_type == data_type]

@@ -33,6 +33,10 @@ reference (``deployments.calls.sized``). Events count against their tenant's rat
 Overload never hangs: past ``max_queued_requests`` Serve itself answers 503 with ``Retry-After``
 (the deployment's back-pressure config), and a request that has waited ``request_timeout_s`` for
 its scores gets a 503 with ``Retry-After`` too.
+
+Metrics: every HTTP answer of the app counts in ``rtml_api_requests_total`` by its route template
+and status class (``CountedAnswers``; Serve's own 503s never reach the app), and ingestion counts
+each event once, accepted or refused (``api.ingest``).
 """
 
 from __future__ import annotations
@@ -49,17 +53,20 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.graphql import graphql_app
-from api.ingest import Ingested, Ingestor, PiiFirstHop, parse_json_body, read_body
+from api.ingest import Ingested, Ingestor, PiiFirstHop, counting_refusals, parse_json_body, read_body
 from api.openapi import openapi_document
 from api.ratelimit import TenantRateLimiter
 from api.tenancy import JWKS_PATH, Authenticator, client_address, require
 from deployments.calls import awaited, batch_size, call_with_retry, payload_bytes, sized
 from deployments.wire import JSON, encode_refusal, encode_result, parse_predict
+from observability import metrics, tracing
 from rtml.errors import RtmlError
 from rtml.schemas import Refusal, ScoreRequest, ScoreResult
 from rtml.settings import Settings
@@ -96,6 +103,7 @@ FRAME_HEADERS = {
 @serve.ingress()
 class Ingress:
     def __init__(self, router: DeploymentHandle, settings: Settings, stream: DeploymentHandle | None = None):
+        tracing.configure(settings, "rtml-ingress")
         self._router = router
         self._stream = stream
         self._all_settings = settings
@@ -118,8 +126,8 @@ class Ingress:
         settings = self._all_settings
         self._access = access = DataAccess(settings, AppOperations(self._router, settings), open_feed(settings), first_hop=self._pii)
         graphql = graphql_app(access, settings, self._authenticator)
-        return Starlette(
-            routes=[
+        return ingress_app(
+            [
                 Route(PREDICT, self._predict, methods=["POST"]),
                 Route(EVENTS, self._events, methods=["POST"]),
                 Route(BINARY_EVENTS, self._binary_events, methods=["POST"]),
@@ -128,8 +136,7 @@ class Ingress:
                 Route(JWKS_PATH, self._jwks, methods=["GET"]),
                 Route(GRAPHQL, graphql, methods=["GET", "POST"]),
                 WebSocketRoute(GRAPHQL, graphql),
-            ],
-            exception_handlers={HTTPException: _http_error, Refusal: _refused},
+            ]
         )
 
     def _caller(self, request: Request, needed: Role, what: str) -> Principal:
@@ -171,10 +178,11 @@ class Ingress:
         tenant = principal.tenant
         limits = self._all_settings.api
         documents = parse_json_body(await read_body(request, limits.max_ingest_bytes, "api.max_ingest_bytes"), request.headers.get("content-type", JSON))
-        if len(documents) > limits.max_ingest_events:
-            raise Refusal(413, f"{len(documents)} events in one request; the limit is {limits.max_ingest_events} (api.max_ingest_events): split the batch")
-        await self._limiter.take(tenant, len(documents))
-        ingested = await asyncio.to_thread(self._ingest().ingest_documents, tenant, documents)
+        with counting_refusals(tenant, len(documents)):
+            if len(documents) > limits.max_ingest_events:
+                raise Refusal(413, f"{len(documents)} events in one request; the limit is {limits.max_ingest_events} (api.max_ingest_events): split the batch")
+            await self._limiter.take(tenant, len(documents))
+            ingested = await asyncio.to_thread(self._ingest().ingest_documents, tenant, documents)
         self._audited(request, principal, "ingest", "events", ingested.event_ids, ingested.accepted)
         return _ingested(ingested)
 
@@ -182,9 +190,10 @@ class Ingress:
         principal = self._caller(request, Role.WRITER, "ingesting events")
         tenant = principal.tenant
         fields = {name: request.headers[header] for name, header in FRAME_HEADERS.items() if header in request.headers}
-        frame = await read_body(request, self._all_settings.api.max_ingest_bytes, "api.max_ingest_bytes")
-        await self._limiter.take(tenant, 1)
-        ingested = await asyncio.to_thread(self._ingest().ingest_frame, tenant, fields, frame)
+        with counting_refusals(tenant, 1):
+            frame = await read_body(request, self._all_settings.api.max_ingest_bytes, "api.max_ingest_bytes")
+            await self._limiter.take(tenant, 1)
+            ingested = await asyncio.to_thread(self._ingest().ingest_frame, tenant, fields, frame)
         self._audited(request, principal, "ingest", "events", ingested.event_ids, ingested.accepted)
         return _ingested(ingested)
 
@@ -219,6 +228,46 @@ class Ingress:
             except Exception as error:  # the stream is being restarted: the API still answers
                 document["stream"] = f"not answering ({type(error).__name__})"
         return Response(orjson.dumps(document), media_type=JSON)
+
+
+def ingress_app(routes: list[BaseRoute]) -> Starlette:
+    """The Ingress's ASGI app over ``routes``: refusals and Starlette's own HTTP errors answered as
+    JSON, every HTTP answer counted (``CountedAnswers``)."""
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Refusal: _refused},
+        middleware=[Middleware(CountedAnswers)],
+    )
+
+
+class CountedAnswers:
+    """ASGI middleware: counts each HTTP answer in ``rtml_api_requests_total`` by the template of
+    the route that took the request (``UNMATCHED`` when none did: never the raw path, which may
+    hold ids) and its status class (``2xx``, ``4xx``, ...). An exception that escapes the app
+    before an answer started counts as the 500 Starlette then answers."""
+
+    UNMATCHED = "unmatched"
+
+    def __init__(self, app: ASGIApp):
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        status = 500
+
+        async def answering(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, answering)
+        finally:
+            route = scope.get("route")  # set by Starlette's router on the scope it was handed
+            metrics.API_REQUESTS.labels(route=getattr(route, "path", self.UNMATCHED), status=f"{status // 100}xx").inc()
 
 
 def _ingested(ingested: Ingested) -> Response:

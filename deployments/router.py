@@ -37,6 +37,9 @@ prediction is looked up within the verdict's tenant only.
 The agent graph: ``agent_graph`` is the app's AgentGraph handle (``deployments.agents``; None
 with ``agents.enabled = false``). The router hands it every anomalous prediction of an HTTP
 request and does not wait for it; the stream's anomalies reach it from the stream's sink instead.
+
+Metrics (``observability.metrics``): the decisions of HTTP requests (the stream's consumers count
+their own), each model's ensemble weight and online accuracy, and feedback, per tenant.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -60,6 +63,7 @@ from deployments.calls import awaited, batch_size, call_with_retry, sized
 from deployments.ensemble import Member, OnlineAccuracy, Plan, TenantEnsemble, combine, reweight
 from deployments.records import MAX_BATCH_ITEMS, new_batch_id, prediction_ids, split_prediction_id
 from deployments.store import TIME_BOUND, LakehouseStore, RolloutSpec, ScoredBatch, ServingStore
+from observability import metrics, tracing
 from rtml.schemas import Feedback, Prediction, Refusal, ScoreRequest, ScoreResult, prediction_table
 from rtml.settings import Settings
 
@@ -95,6 +99,7 @@ class ModelRouter:
         agent_graph: DeploymentHandle | None = None,
         forecaster: DeploymentHandle | None = None,
     ):
+        tracing.configure(settings, "rtml-router")
         self._serving = settings.serving
         self._forecaster = forecaster
         self._threshold = settings.models.anomaly_threshold
@@ -104,6 +109,7 @@ class ModelRouter:
         self._store: ServingStore = LakehouseStore(settings)
         self._config = RouterConfig()
         self._ensembles: dict[str, TenantEnsemble] = {}
+        self._weights_exported: dict[str, set[str]] = {}  # tenant -> model keys whose weight gauge this replica set
         self._loaded_at = 0.0
         self._registry_lock = asyncio.Lock()
         self._background_refresh: asyncio.Task | None = None
@@ -128,9 +134,15 @@ class ModelRouter:
 
     async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResult | Refusal]:
         """Score several requests; each gets its own result (once its predictions are durable) or
-        refusal."""
+        refusal. The decisions of HTTP requests are counted (``path="http"``) once answered; the
+        stream's (``persist=False``) are counted by their consumers, which make the final ones."""
         scored = await self._score_batches(requests)
-        return [await self._once_durable(result, durable) for result, durable in scored]
+        answers = [await self._once_durable(result, durable) for result, durable in scored]
+        for request, answer in zip(requests, answers):
+            if request.persist and isinstance(answer, ScoreResult):
+                metrics.PREDICTIONS.labels(tenant=request.tenant, path="http").inc(len(answer.is_anomaly))
+                metrics.ANOMALIES.labels(tenant=request.tenant, path="http").inc(int(np.count_nonzero(answer.is_anomaly)))
+        return answers
 
     async def _once_durable(self, result: ScoreResult | Refusal, durable: asyncio.Future | None) -> ScoreResult | Refusal:
         if durable is None:
@@ -252,7 +264,10 @@ class ModelRouter:
     async def _score_group(self, plan: Plan, requests: list[ScoreRequest]) -> tuple[list[ScoreResult], asyncio.Future | None] | Refusal:
         windows = requests[0].windows if len(requests) == 1 else np.concatenate([request.windows for request in requests])
         models = plan.members + plan.shadows
-        outcomes = await asyncio.gather(*(self._call_model(model, windows) for model in models), return_exceptions=True)
+        traced = {event_id: carrier for request in requests for event_id, carrier in request.traces.items()}
+        with tracing.stage("rtml.route", traced, {tracing.TENANT: requests[0].tenant, tracing.BATCH_SIZE: len(windows)}) as routed:
+            traces = list(routed.values())
+            outcomes = await asyncio.gather(*(self._call_model(model, windows, traces) for model in models), return_exceptions=True)
         scored = {}
         for model, outcome in zip(models, outcomes):
             if isinstance(outcome, BaseException):
@@ -289,11 +304,12 @@ class ModelRouter:
             start = end
         return results, durable
 
-    async def _call_model(self, model: Member, windows: np.ndarray) -> np.ndarray:
+    async def _call_model(self, model: Member, windows: np.ndarray, traces: list[tracing.Carrier]) -> np.ndarray:
+        """The model's scores of ``windows``; ``traces``: the carriers of the traced events among
+        them, whose traces the scorer continues."""
         handle = sized(self._scorers[model.kind], windows.nbytes + len(windows) * 4).options(multiplexed_model_id=model.artifact_uri)
-        return await asyncio.wait_for(
-            call_with_retry(lambda: awaited(handle.score.remote(windows))), self._serving.request_timeout_s
-        )
+        call = (lambda: handle.score.remote(windows, traces)) if traces else (lambda: handle.score.remote(windows))
+        return await asyncio.wait_for(call_with_retry(lambda: awaited(call())), self._serving.request_timeout_s)
 
     def _mark_unhealthy(self, model: Member, error: BaseException) -> None:
         log.warning("model %s failed (%s: %s); leaving it out for %.0fs", model.key, type(error).__name__, error, self._serving.unhealthy_cooldown_s)
@@ -391,7 +407,22 @@ class ModelRouter:
                 self._ensembles = await asyncio.to_thread(self._store.load_ensembles, specs)
             except Exception:  # keep serving the last known ensembles; the next refresh tries again
                 log.exception("could not read the model registry")
+            else:
+                self._export_weights(self._ensembles.keys() | self._weights_exported.keys())
             self._loaded_at = time.monotonic()
+
+    def _export_weights(self, tenants: Iterable[str]) -> None:
+        """Set ``rtml_ensemble_weight`` of every model in these tenants' ensembles (members and
+        candidates under trial) to its weight here, and to 0 for a model that has left its
+        tenant's ensemble since (a gauge keeps its last value, which would show it still in)."""
+        for tenant in tenants:
+            ensemble = self._ensembles.get(tenant)
+            weights = ensemble.weights if ensemble is not None else {}
+            for key in self._weights_exported.get(tenant, set()) - weights.keys():
+                metrics.ENSEMBLE_WEIGHT.labels(tenant=tenant, model=key).set(0.0)
+            for key, weight in weights.items():
+                metrics.ENSEMBLE_WEIGHT.labels(tenant=tenant, model=key).set(weight)
+            self._weights_exported[tenant] = set(weights)
 
     # feedback --------------------------------------------------------------------------------
 
@@ -419,8 +450,18 @@ class ModelRouter:
             weights = await asyncio.to_thread(self._store.update_weights, tenant, self._reweighting(tenant_verdicts))
             if tenant in self._ensembles:
                 self._ensembles[tenant] = self._ensembles[tenant].with_weights(weights)
+            self._export_feedback(tenant, tenant_verdicts)
         await asyncio.to_thread(self._store.write_feedback, items)
         return answers
+
+    def _export_feedback(self, tenant: str, verdicts: list[tuple[dict, dict[str, float], bool]]) -> None:
+        """Count a tenant's applied verdicts; set the online accuracy of the models they judged and
+        the tenant's ensemble weights, as they are now."""
+        metrics.FEEDBACK.labels(tenant=tenant).inc(len(verdicts))
+        judged = {key for answer, _, _ in verdicts for key in answer["online_accuracy"]}
+        for key, accuracy in self._accuracy.of(judged).items():
+            metrics.ONLINE_ACCURACY.labels(tenant=tenant, model=key).set(accuracy)
+        self._export_weights([tenant])
 
     def _reweighting(self, verdicts: list[tuple[dict, dict[str, float], bool]]):
         """The update of a tenant's stored weights that applies ``verdicts`` one after the other;

@@ -15,6 +15,7 @@ windows costs less per window than one of thousands (benchmarks/RESULTS.md); a G
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import ray
@@ -23,8 +24,9 @@ from ray import serve
 
 from deployments.calls import batch_size
 from models.scoring import WindowScorer, load_scorer
+from observability import metrics, tracing
 from rtml.errors import RtmlError
-from rtml.settings import ServingSettings
+from rtml.settings import ServingSettings, Settings
 
 MAX_MODELS_PER_REPLICA = 16
 # One forward at a time per replica; the next batch fills meanwhile.
@@ -33,7 +35,9 @@ SCORER_CONCURRENT_BATCHES = 1
 
 @serve.deployment
 class ModelScorer:
-    def __init__(self, kind: str, settings: ServingSettings):
+    def __init__(self, kind: str, settings: ServingSettings, app_settings: Settings | None = None):
+        if app_settings is not None:  # the app's settings, for this process's tracing
+            tracing.configure(app_settings, f"rtml-scorer-{kind}")
         self._kind = kind
         self._device = "cuda" if ray.get_gpu_ids() else "cpu"
         torch.set_num_threads(settings.torch_threads)
@@ -49,9 +53,11 @@ class ModelScorer:
             raise RtmlError(f"the model at {artifact_uri} is a {scorer.kind} model; this deployment serves {self._kind} models")
         return scorer
 
-    async def score(self, windows: np.ndarray) -> np.ndarray:
-        """Scores in [0, 1] of ``windows`` with the version named by the multiplexed model id."""
-        return await self._score_batch(windows)
+    async def score(self, windows: np.ndarray, traces: list[tracing.Carrier] = ()) -> np.ndarray:
+        """Scores in [0, 1] of ``windows`` with the version named by the multiplexed model id;
+        ``traces``: the carriers of the traced events among them (a span "rtml.model" each)."""
+        with tracing.stage("rtml.model", traces, {tracing.MODEL: serve.get_multiplexed_model_id(), tracing.BATCH_SIZE: len(windows)} if traces else None):
+            return await self._score_batch(windows)
 
     @serve.batch(max_concurrent_batches=SCORER_CONCURRENT_BATCHES)
     async def _score_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
@@ -63,7 +69,17 @@ class ModelScorer:
 
 
 def score_in_forwards(scorer: WindowScorer, windows: np.ndarray, forward_windows: int | None) -> np.ndarray:
-    """``scorer.score(windows)``, in forwards of at most ``forward_windows`` windows (None: one)."""
+    """``scorer.score(windows)``, in forwards of at most ``forward_windows`` windows (None: one).
+    Each forward's seconds and windows go to ``rtml_model_inference_seconds`` and
+    ``rtml_model_batch_windows``, labelled with the scorer's kind (one scorer deployment per kind)."""
     if forward_windows is None or len(windows) <= forward_windows:
-        return scorer.score(windows)
-    return np.concatenate([scorer.score(windows[start : start + forward_windows]) for start in range(0, len(windows), forward_windows)])
+        return _forward(scorer, windows)
+    return np.concatenate([_forward(scorer, windows[start : start + forward_windows]) for start in range(0, len(windows), forward_windows)])
+
+
+def _forward(scorer: WindowScorer, windows: np.ndarray) -> np.ndarray:
+    started = time.perf_counter()
+    scores = scorer.score(windows)  # numpy out: on a GPU the forward has finished by now
+    metrics.MODEL_INFERENCE.labels(model=scorer.kind).observe(time.perf_counter() - started)
+    metrics.MODEL_BATCH.labels(model=scorer.kind).observe(len(windows))
+    return scores

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from lakehouse.replication import ReplicationReport
 from lakehouse.snapshots import Expiry, Retention, SnapshotInfo, expire, history
 from lakehouse.tables import AUDIT, ERASURES, EVENTS, FEATURES, PREDICTIONS, Rows, table_def, time_literal, to_arrow
 from lakehouse.writer import BatchingWriter, append_idempotent
+from observability import metrics
 from rtml.schemas import ModelVersion, new_id, utc_now
 from rtml.settings import LakehouseSettings, Settings, get_settings
 
@@ -62,6 +64,9 @@ if TYPE_CHECKING:
 
 # A long-lived writer applies the snapshot retention after this many of its writes (each a commit).
 RETENTION_EVERY_WRITES = 20
+# ... and counts its table's small files (rtml_lakehouse_small_files) after a write at most this
+# often: the count reads every manifest of the current snapshot, too much for every commit.
+SMALL_FILES_EVERY_S = 5.0
 
 
 @dataclass
@@ -115,12 +120,20 @@ class Lakehouse:
         ``append_idempotent``); ``close()`` it (or use ``with``). Every ``RETENTION_EVERY_WRITES``
         writes it also expires what the snapshot retention lets go, so that a long-lived writer (a
         stream's sink, the serving sink) keeps the table's history, and with it the cost of each
-        commit, bounded."""
+        commit, bounded. After its first write, and after any write at least ``SMALL_FILES_EVERY_S``
+        after its last count, it sets ``rtml_lakehouse_small_files`` of the table (the files of the
+        current snapshot smaller than ``lakehouse.compaction_small_file_bytes``)."""
         writes = itertools.count(1)
+        small_files_counted_at = -math.inf
 
-        def keep_history_bounded() -> None:
+        def upkeep() -> None:
+            nonlocal small_files_counted_at
             if next(writes) % RETENTION_EVERY_WRITES == 0:
                 self.expire_snapshots(table)
+            if time.monotonic() - small_files_counted_at >= SMALL_FILES_EVERY_S:
+                small_files_counted_at = time.monotonic()
+                small = maintenance.small_files(self.table(table), self.settings.compaction_small_file_bytes)
+                metrics.SMALL_FILES.labels(table=table).set(small.num_rows)
 
         return BatchingWriter(
             name=table,
@@ -128,7 +141,7 @@ class Lakehouse:
             write=lambda batch: self._append_prepared(table, batch, keys, keys_bound_by_time),
             batch_rows=self.settings.writer_batch_rows,
             flush_seconds=self.settings.writer_flush_seconds,
-            after_write=keep_history_bounded,
+            after_write=upkeep,
         )
 
     def pin_snapshot(self, table: str, snapshot_id: int, tag: str) -> None:

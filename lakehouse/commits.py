@@ -43,6 +43,7 @@ from tenacity import (
 )
 
 from lakehouse.errors import LakehouseError
+from observability import metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +55,8 @@ _CONFLICTS = (CommitFailedException, ValidationException, OperationalError)
 
 def retry_on_conflict(table: str, attempts: int, unit: Callable[[], T]) -> T:
     """Run ``unit`` until it commits without a conflict, at most ``attempts`` times; ``unit`` must
-    start from freshly loaded table metadata."""
+    start from freshly loaded table metadata. Each conflict that is retried counts once in
+    ``rtml_lakehouse_commit_conflicts_total`` (the last one, given up, is the error instead)."""
 
     def give_up(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -63,12 +65,18 @@ def retry_on_conflict(table: str, attempts: int, unit: Callable[[], T]) -> T:
             f"{state.attempt_number} attempts ({error}); raise lakehouse.commit_retries or write in larger batches"
         ) from error
 
+    logged = before_sleep_log(log, logging.INFO)
+
+    def lost_a_race(state: RetryCallState) -> None:  # tenacity calls it only before a retry
+        metrics.COMMIT_CONFLICTS.labels(table=table).inc()
+        logged(state)
+
     retrying = Retrying(
         retry=retry_if_exception_type(_CONFLICTS),
         stop=stop_after_attempt(max(1, attempts)),
         wait=wait_random_exponential(multiplier=0.05, max=2.0),
         retry_error_callback=give_up,
-        before_sleep=before_sleep_log(log, logging.INFO),
+        before_sleep=lost_a_race,
     )
     return retrying(unit)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.table import Table
@@ -67,8 +68,7 @@ def compact(load: Callable[[], Table], table: TableDef, min_files: int, small_fi
     current = load()
     if current.current_snapshot() is None:
         return 0
-    listing = current.inspect.files()
-    small = listing.filter(pc.less(listing["file_size_in_bytes"], small_file_bytes))
+    small = small_files(current, small_file_bytes)
     per_partition = Counter(tuple(sorted(partition.items())) for partition in small["partition"].to_pylist())
     crowded = [dict(partition) for partition, count in per_partition.items() if count >= min_files]
     for partition in crowded:
@@ -82,6 +82,13 @@ def compact(load: Callable[[], Table], table: TableDef, min_files: int, small_fi
 
         retry_on_conflict(table.name, attempts, rewrite)
     return len(crowded)
+
+
+def small_files(current: Table, small_file_bytes: int) -> pa.Table:
+    """The files of ``current``'s snapshot smaller than ``small_file_bytes``, one row each
+    (pyiceberg's ``inspect.files()`` listing, read from the manifests: no data file is opened)."""
+    listing = current.inspect.files()
+    return listing.filter(pc.less(listing["file_size_in_bytes"], small_file_bytes))
 
 
 def _partition_filter(table: TableDef, partition: dict) -> BooleanExpression:

@@ -72,6 +72,7 @@ from pyiceberg.table import Table
 from lakehouse.commits import files_may_vanish, retry_on_conflict, transaction
 from lakehouse.errors import LakehouseError
 from lakehouse.tables import SUBJECT, TableDef, conform, time_literal
+from observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,9 @@ def append_idempotent(
     ``rows`` must already have the table's schema (``lakehouse.tables.to_arrow``). Within the batch
     the first row of each key wins. ``erased_among`` is step 3 of the module docstring (tables with
     a subject); the new rows it withheld are handed to ``on_withheld`` once the append is done (the
-    events table deletes their payload blobs)."""
+    events table deletes their payload blobs). Once done, a batch with rows counts its seconds
+    (every attempt included) in ``rtml_lakehouse_append_seconds`` and the rows it appended in
+    ``rtml_lakehouse_rows_total``."""
     keys = tuple(keys)
     unknown = [key for key in keys if key not in rows.column_names]
     if unknown or not keys:
@@ -122,7 +125,10 @@ def append_idempotent(
                     appending.append(conform(fresh, current))
         return fresh.num_rows, withheld
 
+    started = time.perf_counter()
     appended, withheld = retry_on_conflict(table.name, attempts, unit)
+    metrics.LAKEHOUSE_APPEND.labels(table=table.name).observe(time.perf_counter() - started)
+    metrics.LAKEHOUSE_ROWS.labels(table=table.name).inc(appended)
     if withheld is not None and withheld.num_rows and on_withheld is not None:
         on_withheld(withheld)
     return appended

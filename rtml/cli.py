@@ -20,6 +20,7 @@ from cluster.cli import app as services_app
 from deployments.cli import demo, down, nab_app, up
 from lakehouse.cli import app as lakehouse_app
 from models.cli import train as train_command
+from observability.cli import logs
 from rtml.errors import RtmlError
 from security.cli import app as certs_app
 
@@ -48,6 +49,7 @@ app.command()(demo)
 app.command()(up)
 app.command()(down)
 app.add_typer(certs_app, name="certs")
+app.command()(logs)
 
 
 @bench_app.command("serve")
@@ -72,13 +74,23 @@ def bench_stream(
     seconds: float = typer.Option(30.0, help="How long the latency run offers events."),
     consumers: int = typer.Option(2, help="rtml consumer actors."),
     write: bool = typer.Option(False, "--write", help="Write the figures into benchmarks/RESULTS.md."),
+    observability_overhead: bool = typer.Option(
+        False, "--observability-overhead", help="Instead: rtml's path (b) with metrics and 1% tracing off and on, alternately (--events, --consumers, --rounds)."
+    ),
+    rounds: int = typer.Option(3, help="--observability-overhead: measurements of each of off and on."),
 ) -> None:
     """Raw kafka-python consumption vs rtml's full streaming path, on one Kafka broker."""
-    from benchmarks.stream import main as stream_benchmark
     from rtml.settings import get_settings
     from streaming.sources.kafka import require_kafka
 
     require_kafka(get_settings().kafka)
+    if observability_overhead:
+        from benchmarks.observability import main as overhead_benchmark
+
+        overhead_benchmark(events, consumers, rounds, Console())
+        return
+    from benchmarks.stream import main as stream_benchmark
+
     stream_benchmark(events, rate, seconds, consumers, write, Console())
 
 

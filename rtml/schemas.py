@@ -170,6 +170,9 @@ class ScoreRequest:
     # The stream's per-entity detector: per forecaster, which network forecasts each window and
     # from what (``ForecastInputs``); the router answers with the forecasts (``ScoreResult``).
     forecasts: list[ForecastInputs] = field(default_factory=list)
+    # The traced events among the windows: event id -> the W3C trace context (``traceparent``, ...)
+    # of the span the scoring continues (``observability.tracing``). Empty for untraced requests.
+    traces: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -141,8 +141,6 @@ class StreamingSettings(BaseModel):
     checkpoint_dir: str = ""
     # Dead letters of the replay source (Kafka sources use kafka.dead_letter_topic). Empty: <home>/streaming/dead-letters.
     dead_letter_dir: str = ""
-    # Consumer i serves Prometheus metrics on metrics_port + i; 0: not served (still readable via the actor).
-    metrics_port: int = 0
     # The embedded event log (streaming.eventlog: one SQLite file that every Ingress replica and
     # consumer on this machine opens): its directory (empty: <home>/streaming/event-log), its
     # partitions (fixed when the log is created; a series always lands in one), and how long it
@@ -437,6 +435,50 @@ class SecuritySettings(BaseModel):
     pii_cache_size: int = Field(65536, ge=1)
 
 
+class ObservabilitySettings(BaseModel):
+    """Metrics, drift, traces and logs (``observability``)."""
+
+    # A Prometheus file_sd directory (its ``file_sd_configs`` glob's folder): `rtml up` and the
+    # pipelines register the cluster's metrics endpoints there (observability.scrape). Empty: none.
+    prometheus_sd_dir: str = ""
+    # Driver-side processes (the CLI's pipelines, benchmarks) serve their prometheus-client metrics
+    # here; 0: not served. Ray actors and Serve replicas export through Ray's metrics agent.
+    metrics_port: int = 0
+    # Off: every metric update is dropped (read from the process's environment, RTML_OBSERVABILITY__METRICS_ENABLED;
+    # `rtml bench stream` compares the two).
+    metrics_enabled: bool = True
+    # How often the pipeline reads the log's end and committed offsets for the lag metric.
+    lag_refresh_s: float = Field(default=1.0, gt=0)
+    # Tracing (OpenTelemetry): the share of events traced from ingestion to enrichment, decided
+    # where the event enters rtml (parent-based after that).
+    trace_sample_ratio: float = Field(default=0.01, ge=0.0, le=1.0)
+    # OTLP/HTTP endpoint spans are exported to (e.g. http://collector:4318/v1/traces); "" = no exporter.
+    otlp_endpoint: str = ""
+    otlp_headers: dict[str, str] = Field(default_factory=dict)
+    # Sampled events whose spans a batch stage records (the rest of a batch's sampled events are
+    # counted on the stage's span).
+    max_traces_per_batch: int = Field(default=8, ge=1)
+    # Logs: one JSON object per line (with trace and span ids) from every process; False: text.
+    json_logs: bool = True
+    log_level: str = "INFO"
+    # Drift (observability.drift): per tenant and feature, PSI and KS between the model's training
+    # snapshot (reference) and the last drift_window_events live values.
+    drift_enabled: bool = True
+    drift_bins: int = Field(default=10, ge=2)
+    drift_window_events: int = Field(default=2000, ge=10)
+    drift_min_events: int = Field(default=500, ge=10)
+    drift_reference_rows: int = Field(default=20_000, ge=100)
+    drift_psi_threshold: float = Field(default=0.2, gt=0)
+    drift_ks_threshold: float = Field(default=0.2, gt=0)
+    # Drift over a threshold in this many consecutive checks (one check per scored batch of the
+    # tenant, at most one per drift_check_every_s) is sustained: a candidate retraining run starts.
+    drift_sustained_checks: int = Field(default=3, ge=1)
+    drift_check_every_s: float = Field(default=5.0, ge=0)
+    drift_retrain: bool = True
+    # At most one retraining run per tenant this often.
+    drift_retrain_cooldown_s: float = Field(default=3600.0, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RTML_",
@@ -456,6 +498,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     agents: AgentsSettings = AgentsSettings()
     security: SecuritySettings = SecuritySettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
 
     @classmethod
     def settings_customise_sources(

@@ -61,7 +61,7 @@ import pyarrow as pa
 import ray
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from observability import metrics
+from observability import metrics, tracing
 from rtml.errors import RtmlError
 from rtml.schemas import DETECTOR_MEMBER, ForecastInputs, Refusal, ScoreRequest, ScoreResult, prediction_table
 from rtml.settings import Settings
@@ -71,6 +71,7 @@ from streaming.arrow_ipc import to_ipc
 from streaming.checkpoints import Checkpoint, CheckpointStore
 from streaming.deadletters import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
 from streaming.detection import DetectionBatch, EntityDetectors, detector_fingerprint, start_fitter
+from streaming.drift import StreamDrift
 from streaming.failures import JudgedFailure, describe, passes_later
 from streaming.features import feature_rows, feature_set_version, window_spec
 from streaming.files import storage_dir
@@ -80,7 +81,7 @@ from streaming.sources.base import Source
 from streaming.windowing import DROPPED, LATE, WindowState
 
 log = logging.getLogger(__name__)
-LAG_REFRESH_S = 1.0
+ENDS_REFRESH_S = 1.0
 EXPORTED_OUTCOMES = ("scored", "late", "dropped", "unscored", "landed")
 LATENCY_SAMPLES = 200_000
 # The longest wait between two rewinds after failed writes (jittered exponential back-off up to it).
@@ -176,6 +177,7 @@ class StreamConsumer:
 
     def __init__(self, spec: ConsumerSpec, client: EnsembleClient, sink: ray.actor.ActorHandle, fitter: ray.actor.ActorHandle | None = None):
         settings = spec.settings
+        tracing.configure(settings, "rtml-consumer")
         self.spec = spec
         self._streaming = settings.streaming
         self._client = client
@@ -204,7 +206,7 @@ class StreamConsumer:
         self._scoring = ThreadPoolExecutor(self._streaming.scoring_batches_in_flight, thread_name_prefix="scoring")
         self._targets: dict[int, int] | None = None
         self._counts = Counts()
-        self._lag_checked = 0.0
+        self._ends_checked = 0.0
         self._ends: dict[int, int] = {}
         self._labels = {"group": spec.group}
         # Read and durable positions, window state and work in flight: loaded by run (_restore).
@@ -215,8 +217,8 @@ class StreamConsumer:
         self._in_flight_events = 0
         # Wall-clock time of the first failed write since the last batch became durable.
         self._failing_since: float | None = None
-        if self._streaming.metrics_port:
-            metrics.serve(self._streaming.metrics_port + spec.index)
+        # Per tenant: the live distribution of the models' input against the training snapshot's.
+        self._drift = StreamDrift(settings, spec.group) if settings.observability.drift_enabled else None
 
     # the loop ------------------------------------------------------------------------------------
 
@@ -255,9 +257,6 @@ class StreamConsumer:
         """Per owned partition: (checkpointed position, log end as last seen)."""
         durable = dict(self._durable)
         return {name: (durable.get(i, 0), self._ends.get(i, 0)) for i, name in enumerate(self._source.partitions)}
-
-    def metrics_text(self) -> bytes:
-        return metrics.exposition()
 
     def stats(self) -> dict:
         counts = self._counts
@@ -389,6 +388,7 @@ class StreamConsumer:
         return all(self._read.get(i, 0) >= end for i, end in targets.items())
 
     def _process(self, batch) -> None:
+        started_ns = time.time_ns()  # where the traced events' "rtml.consume" spans begin
         self._counts.read_delay_s.extend((time.time() - batch.available_at).tolist())
         with self._timed("window"):
             routed = self._router.route(batch, self._source.partitions)
@@ -398,12 +398,17 @@ class StreamConsumer:
                 metric_events.keys, metric_events.event_time_us, metric_events.value, metric_events.partition, metric_events.subject
             )
             scored_events = metric_events.take(windowed.accepted)
+            if self._drift is not None and len(scored_events):
+                self._drift.observe(scored_events.tenant, scored_events.value)
             detection = None
             if self._detectors is not None and len(scored_events):
                 detection = self._detectors.advance(scored_events.keys, scored_events.value, scored_events.partition)
             fits = self._start_fits(detection)
             requests = _window_batches(scored_events, windowed.model_windows, "metric", detection) + _image_batches(routed)
-            scoring = self._scoring.submit(self._score, requests, fits) if requests else _done(_Scores([], [], 0.0))
+            with tracing.stage("rtml.consume", routed.traces, {tracing.BATCH_SIZE: len(batch)}, started_ns) as consumed:
+                if consumed:
+                    _trace_requests(requests, consumed)
+                scoring = self._scoring.submit(self._score, requests, fits) if requests else _done(_Scores([], [], 0.0))
             tables = {"events": routed.landed.events_table(), "features": feature_rows(windowed.closed, self._feature_set)}
             self._submit(
                 scoring, tables, _dead_letters(routed, self._source.partitions), len(batch), batch.next_positions(), scored_events.available_at, detection
@@ -472,12 +477,9 @@ class StreamConsumer:
             raise _CallFailed("scoring", error, since) from error
         scored_at = time.time()
         answered, refused = [], []
-        histogram = metrics.EVENT_TO_PREDICTION.labels(**self._labels)
         for (request, events, rows), answer in zip(requests, answers):
             if isinstance(answer, ScoreResult):
                 answered.append((request, rows, answer))
-                for latency in (scored_at - request.available_at).tolist():
-                    histogram.observe(latency)
             else:
                 refused.extend(_refused_letters(events, answer, self._source.partitions))
         return _Scores(answered, refused, time.perf_counter() - started, scored_at)
@@ -524,13 +526,16 @@ class StreamConsumer:
             letters = sorted(pending.letters + scores.refused, key=lambda letter: (letter.partition, letter.offset))
             if letters:
                 self._dead_letters.write(letters)
-            if pending.detection is not None:
-                self._add_detector_scores(pending.detection, scores.answered)
+            with tracing.stage("rtml.decision", _traces_of(scores.answered)) as decided:
+                if pending.detection is not None:
+                    self._add_detector_scores(pending.detection, scores.answered)
             if self._detectors is not None:
                 pending.detector_scoring = {partition: self._detectors.scoring_to_arrow(partition) for partition in pending.positions}
             predictions = [prediction_table(request, result, scores.scored_at) for request, _, result in scores.answered]
+            self._export_decisions(scores.answered)
             tables = {**pending.tables, "predictions": pa.concat_tables(predictions) if predictions else None}
-            pending.write = self._sink.write.remote({name: to_ipc(rows) for name, rows in tables.items() if rows is not None})
+            written = {name: to_ipc(rows) for name, rows in tables.items() if rows is not None}
+            pending.write = self._sink.write.remote(written, decided) if decided else self._sink.write.remote(written)
         self._counts.seconds["score"] = self._counts.seconds.get("score", 0.0) + scores.seconds
         if scores.answered or scores.refused:
             self._counts.scoring_round_trip_s.append(scores.seconds)
@@ -538,6 +543,17 @@ class StreamConsumer:
         if pending.detection is not None:
             for fit in pending.detection.fits:  # written: later fits and batches read them from disk
                 self._fits.pop(fit.model_id, None)
+
+    def _export_decisions(self, answered: list[tuple[ScoreRequest, np.ndarray, ScoreResult]]) -> None:
+        """Count a handed-over batch's decisions and anomalies per tenant, and observe each
+        event's time from available in the log to its decision (now: the detector has just
+        scored it)."""
+        decided_at = time.time()
+        latency = metrics.EVENT_TO_DECISION.labels(**self._labels)
+        for request, _, result in answered:
+            metrics.PREDICTIONS.labels(tenant=request.tenant, path="stream").inc(len(request))
+            metrics.ANOMALIES.labels(tenant=request.tenant, path="stream").inc(int(np.count_nonzero(result.is_anomaly)))
+            latency.observe_many((decided_at - request.available_at).tolist())
 
     def _add_detector_scores(self, detection: DetectionBatch, answered: list[tuple[ScoreRequest, np.ndarray, ScoreResult]]) -> None:
         """Turn the forecasts of a batch's metric rows into the detector's scores (rows refused
@@ -581,7 +597,7 @@ class StreamConsumer:
             self._in_flight_events -= settled[-1].records
         if settled:
             self._checkpoint(settled)
-        self._export_lag()
+        self._refresh_ends()
 
     def _checkpoint(self, settled: list[_Pending]) -> None:
         now = time.time()
@@ -589,7 +605,9 @@ class StreamConsumer:
         for pending in settled:
             for partition, position in pending.positions.items():
                 latest[partition] = (position, pending)
-            self._counts.durable_latency_s.extend((now - pending.available_at).tolist())
+            durable_latency = (now - pending.available_at).tolist()
+            self._counts.durable_latency_s.extend(durable_latency)
+            metrics.EVENT_TO_DURABLE.labels(**self._labels).observe_many(durable_latency)
         for partition, (position, pending) in latest.items():
             keys, windows = pending.state[partition]
             checkpoint = Checkpoint(position, keys, windows, pending.detector_inputs.get(partition), pending.detector_scoring.get(partition))
@@ -612,22 +630,20 @@ class StreamConsumer:
         while self._in_flight:
             self._wait_for_oldest()
             self._settle()
-        self._export_lag(force=True)
+        self._refresh_ends(force=True)
 
-    def _export_lag(self, force: bool = False) -> None:
+    def _refresh_ends(self, force: bool = False) -> None:
+        """The log ends as last seen, for ``progress``."""
         now = time.monotonic()
-        if now - self._lag_checked < LAG_REFRESH_S and not force:
+        if now - self._ends_checked < ENDS_REFRESH_S and not force:
             return
-        self._lag_checked = now
+        self._ends_checked = now
         try:
             ends = self._source.end_offsets()
-        except Exception as error:  # the broker is away; the gauge keeps its last value
-            log.info("consumer %s: cannot read end offsets for the lag metric: %s", self.spec.index, error)
+        except Exception as error:  # the broker is away; progress shows the ends last seen
+            log.info("consumer %s: cannot read end offsets: %s", self.spec.index, error)
             return
-        self._ends = ends
-        for partition, end in ends.items():
-            lag = max(0, end - self._durable.get(partition, 0))
-            metrics.CONSUMER_LAG.labels(partition=self._source.partitions[partition], **self._labels).set(lag)
+        self._ends = ends  # the lag metrics come from the pipeline's owner (streaming.lag), which outlives a consumer
 
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -706,6 +722,18 @@ def _window_batches(
         )
         batches.append((request, part, rows))
     return batches
+
+
+def _trace_requests(requests: list[tuple[ScoreRequest, EventColumns, np.ndarray]], traces: dict[str, tracing.Carrier]) -> None:
+    """Give each request the carriers of its traced events (``traces``, by event id), for the
+    scoring service to continue their traces."""
+    for request, events, _ in requests:
+        request.traces = {event_id: carrier for event_id, carrier in traces.items() if (events.event_id == event_id).any()}
+
+
+def _traces_of(answered: list[tuple[ScoreRequest, np.ndarray, ScoreResult]]) -> dict[str, tracing.Carrier]:
+    """The carriers of the traced events among the scored requests' (by event id)."""
+    return {event_id: carrier for request, _, _ in answered for event_id, carrier in request.traces.items()}
 
 
 def _image_batches(routed: RoutedBatch) -> list[tuple[ScoreRequest, EventColumns, np.ndarray]]:

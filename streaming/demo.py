@@ -179,12 +179,14 @@ def run_demo(
     listener: Callable[[Settings], AnomalyListener | None] = lambda settings: None,
 ) -> DemoResult:
     """The demo (see the module docstring); ``ray_env`` goes to every process of the local Ray
-    cluster it starts (Serve's throughput options, from the caller). ``while_serving(demo
+    cluster it starts (Serve's throughput options, from the caller), whose processes log JSON
+    lines (observability.logs, read by `rtml logs`). ``while_serving(demo
     settings)`` runs after the replay, while the app still serves (the caller's query of it);
     ``listener(demo settings)`` hears of the stream's durable anomalies (the app's agent graph)."""
     import ray
 
     from lakehouse import Lakehouse
+    from observability.logs import ray_runtime_env
 
     run_id = time.strftime("%Y%m%d-%H%M%S")
     demo = demo_settings(settings, kafka, speed, run_id)
@@ -207,7 +209,7 @@ def run_demo(
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={"env_vars": ray_env or {}},
+        runtime_env=ray_runtime_env(demo, ray_env),
     )
     try:
         with console.status("starting the Serve app (ingress, router, one scorer deployment per model kind)"):

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import ray
 
+from observability import tracing
 from rtml.errors import RtmlError
 from rtml.settings import Settings
 from streaming.consumer import ConsumerSpec, StreamConsumer
 from streaming.detection import start_fitter
+from streaming.lag import LagMonitor
 from streaming.scoring import AnomalyListener, EnsembleClient
 from streaming.sink import LakehouseSink
 
@@ -62,6 +64,7 @@ class Pipeline:
     ):
         if settings.streaming.source == "replay" and not replay_path:
             raise RtmlError("a replay pipeline needs the file to replay (streaming.replay_path)")
+        tracing.configure(settings, "rtml-pipeline")  # the driver's process (the CLI's, or the app's StreamRunner)
         self.settings = settings
         self.group = group
         count = settings.streaming.consumers
@@ -75,6 +78,7 @@ class Pipeline:
         self.fitters: list = []
         self._runs: list = []
         self._targets: dict[str, int] | None = None
+        self._lag: LagMonitor | None = None
         self.clock_start = 0.0
 
     def start(self, until_end: bool = False) -> None:
@@ -88,6 +92,8 @@ class Pipeline:
         self.consumer_pids()
         self.clock_start = time.time()
         self._runs = [c.run.remote(until_end, self.clock_start) for c in self.consumers]
+        self._lag = LagMonitor(self.settings, self.group, lambda: self.progress().partitions)
+        self._lag.start()
 
     def _start_fitters(self) -> list:
         """One detector fitter per consumer (None each without the detector), placed before the
@@ -143,6 +149,8 @@ class Pipeline:
             if on_progress is not None:
                 on_progress(self.progress())
             if len(done) == len(self._runs):
+                if self._lag is not None:
+                    self._lag.refresh()  # the final lag, once everything is durable
                 return [_result(run) for run in self._runs]
             if self._targets is not None:  # a restarted consumer has forgotten them
                 for c in self.consumers:
@@ -153,6 +161,9 @@ class Pipeline:
     def shutdown(self) -> None:
         """Stop every actor at once. Nothing is lost: whatever was not checkpointed yet is read
         again by the next pipeline of the same group."""
+        if self._lag is not None:
+            self._lag.stop()
+            self._lag = None
         if self.sink is not None:
             ray.get(self.sink.close.remote())
         for actor in [*self.consumers, *self.fitters, self.sink]:

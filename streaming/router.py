@@ -40,6 +40,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from observability import tracing
 from rtml.errors import RtmlError
 from rtml.schemas import TENANT_PATTERN, DataType, Event, validate_events
 from security.pii import Tokenizer, VaultEntry
@@ -118,6 +119,8 @@ class RoutedBatch:
     # What the token vault must hold before any of the above is stored, per tenant ("" for records
     # that name no valid tenant); empty without a tokenizer.
     vault_entries: dict[str, list[VaultEntry]] = field(default_factory=dict)
+    # The traced events' carriers by event id (observability.tracing): sampled events only.
+    traces: dict[str, tracing.Carrier] = field(default_factory=dict)
 
 
 class DataRouter:
@@ -162,6 +165,7 @@ class DataRouter:
                 [reasons[i] for i in bad],
             ),
             vault_entries=entries,
+            traces=_traces(events, batch, headers),
         )
 
     def _tokenize(self, documents: list[Any], frames: list[bytes | None], entries: dict[str, list[VaultEntry]]) -> None:
@@ -196,6 +200,29 @@ class DataRouter:
         redacted, found = self._tokenizer.tokenize_bytes(_as_bytes(payload))
         entries.setdefault("", []).extend(found)
         return redacted
+
+
+def _traces(events: EventColumns, batch: SourceBatch, headers: Sequence[Mapping[str, bytes] | None]) -> dict[str, tracing.Carrier]:
+    """The carriers of the batch's traced events, by event id: a record's own (its headers: the API
+    sampled it), and for the records that arrived without one a trace begun here for the sampled
+    share. Sampling is decided by the event id, as the API decides it, so an event the API left
+    unsampled stays so and one written straight into the log is sampled at the same ratio."""
+    traces: dict[str, tracing.Carrier] = {}
+    carried: set[int] = set()  # rows of events that came with a trace
+    for record in [i for i, header in enumerate(headers) if header and tracing.TRACEPARENT in header]:
+        found = np.flatnonzero((events.partition == batch.partitions[record]) & (events.offset == batch.offsets[record]))
+        carrier = tracing.from_kafka_headers(headers[record])
+        if len(found) and carrier is not None:
+            traces[events.event_id[found[0]]] = carrier
+            carried.add(int(found[0]))
+    begun = tracing.start_events(
+        "rtml.ingest",
+        events.event_id,
+        lambda row: {tracing.TENANT: events.tenant[row], tracing.ENTITY: events.entity[row], tracing.EVENT_ID: events.event_id[row], tracing.SOURCE: "log"},
+        carried,
+    )
+    traces.update((events.event_id[row], carrier) for row, carrier in begun.items())
+    return traces
 
 
 def _decode(payload: object, headers: Mapping[str, bytes] | None) -> tuple[Any, bytes | None, str | None]:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from observability import tracing
 from rtml.errors import RtmlError
 from rtml.schemas import Prediction, Refusal, ScoreRequest, ScoreResult
 
@@ -30,9 +31,10 @@ class AnomalyListener(Protocol):
     """Who hears of the stream's anomalies once they are durable (the app's agent graph,
     ``deployments.agents.AgentGraphClient``). Picklable: the pipeline hands it to its sink actor."""
 
-    def notify(self, predictions: list[Prediction], watermarks: dict[str, datetime]) -> None:
+    def notify(self, predictions: list[Prediction], watermarks: dict[str, datetime], traces: dict[str, tracing.Carrier] | None = None) -> None:
         """Take the anomalous predictions of a durable batch and, per tenant, the newest event
-        time the batch scored; returns at once (called on the sink's event loop) and never raises."""
+        time the batch scored; ``traces``: the carriers of the traced ones among them, by event id
+        (``observability.tracing``). Returns at once (called on the sink's event loop) and never raises."""
 
 
 def warm_up(client: EnsembleClient, tenants: list[str], window_length: int, timeout_s: float = 120.0) -> None:

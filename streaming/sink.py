@@ -34,6 +34,7 @@ import os
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from observability import tracing
 from rtml.schemas import Prediction
 from rtml.settings import Settings
 from streaming.arrow_ipc import from_ipc
@@ -58,14 +59,26 @@ class LakehouseSink:
         # machine they should not delay scoring, which the stream's latency is made of. Should the
         # sink fall behind, back-pressure slows the consumers.
         os.nice(SINK_NICENESS)
+        tracing.configure(settings, "rtml-sink")
         self._lake = Lakehouse.open(settings)
         self._writers = {table: self._lake.writer(table) for table in (*TABLES, "audit")}
         self._feed = open_feed(settings)
         self._listener = listener
 
-    async def write(self, tables: dict[str, bytes]) -> dict[str, int]:
+    async def write(self, tables: dict[str, bytes], traces: dict[str, tracing.Carrier] | None = None) -> dict[str, int]:
         """Append each table's rows (Arrow IPC, ``streaming.arrow_ipc``) idempotently; returns the
-        rows submitted per table once durable; publishes the predictions on the live feed first."""
+        rows submitted per table once durable; publishes the predictions on the live feed first.
+        ``traces``: the carriers of the batch's traced events by event id (a span
+        "rtml.lakehouse.write" each, until durable; the anomalies among them reach the listener
+        with the spans' carriers)."""
+        with tracing.stage("rtml.lakehouse.write", traces or {}) as written:
+            submitted = await self._append(tables)
+        if self._listener is not None and "predictions" in submitted:
+            self._tell_listener(submitted["predictions"], written)
+        return {name: rows.num_rows for name, rows in submitted.items()}
+
+    async def _append(self, tables: dict[str, bytes]) -> dict[str, pa.Table]:
+        """The rows of ``tables`` once durable (``write``), by table."""
         try:
             submitted = {name: rows for name, rows in ((name, from_ipc(data)) for name, data in tables.items()) if rows.num_rows}
             if "predictions" in submitted:
@@ -77,17 +90,16 @@ class LakehouseSink:
             await asyncio.gather(*map(asyncio.wrap_future, writes))
         except Exception as error:
             raise JudgedFailure(f"{type(error).__name__}: {error}", passes_later(error)) from error
-        if self._listener is not None and "predictions" in submitted:
-            self._tell_listener(submitted["predictions"])
-        return {name: rows.num_rows for name, rows in submitted.items()}
+        return submitted
 
-    def _tell_listener(self, predictions: pa.Table) -> None:
+    def _tell_listener(self, predictions: pa.Table, traces: dict[str, tracing.Carrier]) -> None:
         try:
             watermarks = predictions.group_by("tenant").aggregate([("event_time", "max")])
             newest = dict(zip(watermarks.column("tenant").to_pylist(), watermarks.column("event_time_max").to_pylist()))
             anomalous = predictions.filter(pc.equal(predictions.column("is_anomaly"), True))
             items = [Prediction.model_validate(item) for item in prediction_items(anomalous)] if anomalous.num_rows else []
-            self._listener.notify(items, newest)
+            traced = {item.event_id: traces[item.event_id] for item in items if item.event_id in traces}
+            self._listener.notify(items, newest, traced)
         except Exception:  # explaining is on top of the record, never a reason to fail a write
             log.exception("lakehouse sink: could not hand a batch's anomalies to the listener")
 

@@ -16,13 +16,16 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster shared by every test that needs one (starting Ray costs seconds). Its
-    processes run Serve in the throughput-optimised mode that `rtml up` and the demo give theirs."""
+    processes run Serve in the throughput-optimised mode that `rtml up` and the demo give theirs,
+    and log JSON lines into the session's worker files as theirs do (observability.logs)."""
     import ray
 
     from deployments.control import throughput_environment
+    from observability.logs import ray_runtime_env
     from rtml.settings import Settings
 
     if not ray.is_initialized():
+        settings = Settings()
         # Logical CPUs are Ray's admission tokens: a module's app, its own stream, a test's
         # pipeline and their detector fit workers hold about 4 at once.
         ray.init(
@@ -30,7 +33,7 @@ def ray_cluster():
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            runtime_env={"env_vars": throughput_environment(Settings())},
+            runtime_env=ray_runtime_env(settings, throughput_environment(settings)),
         )
     yield ray
     ray.shutdown()

@@ -3,7 +3,9 @@ channel the agents post incidents to (``agents.alertmanager_url``).
 
 It runs alone (no gossip cluster: an empty ``--cluster.listen-address`` binds no port), keeps its
 silences and notification log under ``<data_dir>/data``, and groups alerts by the ``dedup_key``
-label into one receiver that sends nowhere: the tests read what it holds through its API.
+label (the agents' incidents) or, for Prometheus's alerts (``source="rtml"``), by alert name,
+consumer group and tenant, into one receiver that sends nowhere: the tests read what it holds
+through its API.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class Alertmanager(Service):
                 "group_wait": "1s",
                 "group_interval": "5s",
                 "repeat_interval": "1h",
+                # Prometheus's alerts (observability/rules, labelled source="rtml") carry no dedup
+                # key: grouped apart from the incidents, one group per alert and group or tenant.
+                "routes": [{"matchers": ['source="rtml"'], "group_by": ["alertname", "group", "tenant"], "receiver": RECEIVER}],
             },
             "receivers": [{"name": RECEIVER}],
         }

@@ -1,8 +1,9 @@
-"""Prometheus (and promtool) from Debian's packages, scraping targets listed in files tests can write."""
+"""Prometheus (and promtool) from Debian's packages: scrapes what is registered in its targets
+folder with rtml's one scrape job (``observability.scrape``), evaluates the rule files in its rules
+folder, and sends firing alerts to the Alertmanager of ``rtml services``."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from cluster.services import debian
 from cluster.services.base import Service, ServiceError
+from observability.scrape import scrape_job
 
 SCRAPE_INTERVAL = "1s"
 
@@ -33,16 +35,6 @@ class Prometheus(Service):
     def rules_dir(self) -> Path:
         """Alerting and recording rules: each ``*.yml`` file here, loaded at start and on ``POST /-/reload``."""
         return self.data_dir / "rules"
-
-    def add_target(self, job: str, address: str) -> Path:
-        """Have Prometheus scrape ``address`` (host:port) under ``job``; returns the file to delete to stop."""
-        self.targets_dir.mkdir(parents=True, exist_ok=True)
-        target_file = self.targets_dir / f"{job}.json"
-        staged = target_file.with_suffix(".tmp")
-        # Written whole then renamed: Prometheus watches the folder and must never read half a file.
-        staged.write_text(json.dumps([{"targets": [address], "labels": {"job": job}}]))
-        staged.replace(target_file)
-        return target_file
 
     def fetch(self) -> None:
         if shutil.which("prometheus") is None or shutil.which("promtool") is None:
@@ -71,15 +63,20 @@ class Prometheus(Service):
 
         return httpx.get(f"{self.address}/-/ready", timeout=3).status_code == 200
 
+    def reload(self) -> None:
+        """Re-read the configuration and the rule files (after a change to ``rules_dir``)."""
+        import httpx
+
+        httpx.post(f"{self.address}/-/reload", timeout=10).raise_for_status()
+
     def _config(self) -> dict:
+        alertmanager = f"{self.host}:{self.settings.services.alertmanager_port}"
         return {
             "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
             "rule_files": [str(self.rules_dir / "*.yml")],
+            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
             "scrape_configs": [
                 {"job_name": "prometheus", "static_configs": [{"targets": [f"{self.host}:{self.port}"]}]},
-                {
-                    "job_name": "rtml",
-                    "file_sd_configs": [{"files": [str(self.targets_dir / "*.json")], "refresh_interval": "5s"}],
-                },
+                scrape_job(self.targets_dir, SCRAPE_INTERVAL),
             ],
         }

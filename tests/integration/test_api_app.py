@@ -31,6 +31,7 @@ pytestmark = pytest.mark.timeout(900)
 TENANT = "demo"  # `rtml up` trains and promotes its models
 # Rate-limit counters live in the shared Redis for the window (1,000 s): a tenant of its own per run.
 LIMITED = f"limited-{uuid.uuid4().hex[:8]}"
+DRIFTING = "drifting"  # a tenant whose live values leave its training distribution (test_prometheus_*)
 WINDOW_LENGTH = 16
 JS_CLIENTS = Path(__file__).resolve().parents[1] / "js"
 WAIT_S = 180.0
@@ -38,20 +39,31 @@ START = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, redis_url):
+def app(tmp_path_factory, redis_url, prometheus_url):
+    from cluster import services
+
     env = {
+        # `rtml up` registers the cluster with the services' Prometheus (test_prometheus_*).
+        "RTML_OBSERVABILITY__PROMETHEUS_SD_DIR": str(services.get("prometheus").targets_dir),
         "RTML_MODELS__WINDOW_LENGTH": str(WINDOW_LENGTH),
         "RTML_SERVING__MODEL_KINDS": '["rnn", "cnn"]',
         "RTML_SERVING__INGRESS_REPLICAS": "2",
         "RTML_SERVING__REGISTRY_REFRESH_S": "2",
         "RTML_STREAMING__CONSUMERS": "1",
+        # Drift is checked on small windows, so that the few hundred events test_prometheus_* sends suffice.
+        "RTML_OBSERVABILITY__DRIFT_WINDOW_EVENTS": "200",
+        "RTML_OBSERVABILITY__DRIFT_MIN_EVENTS": "100",
         "RTML_API__RATE_LIMIT_STORAGE": redis_url,
         # A window of 1,000 s: the test never sees it roll over, so the count is exact.
         "RTML_API__RATE_LIMITS": json.dumps({LIMITED: {"events_per_second": 0.01, "burst": 10}}),
     }
     with rtml_up(tmp_path_factory.mktemp("api"), env=env) as cluster:
         assert "/graphql" in cluster.up_output
-        yield cluster
+        registered = Path(cluster.up_output.split("Prometheus scrapes the cluster: ", 1)[1].split()[0])
+        try:
+            yield cluster
+        finally:
+            registered.unlink(missing_ok=True)
 
 
 def _events(entity: str, values, start: datetime = START, **extra) -> list[dict]:
@@ -268,3 +280,65 @@ def test_unknown_routes_and_bad_graphql_are_4xx_json(app):
     assert [key["kid"] for key in httpx.get(f"{app.http}/.well-known/jwks.json", timeout=30).json()["keys"]] == ["k1"]
     health = httpx.get(f"{app.http}/healthz", timeout=30).json()
     assert health["status"] == "ok" and "stream_lag_events" in health
+
+
+def _prometheus(prometheus_url: str, expression: str) -> list[dict]:
+    answer = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": expression}, timeout=30)
+    assert answer.status_code == 200, f"{expression}: {answer.text}"
+    return answer.json()["data"]["result"]
+
+
+def test_prometheus_scrapes_the_app_and_every_dashboard_and_rule_expression_returns_series(app, prometheus_url):
+    """After the tests above (ingestion, rejects, 429s, feedback, a replayed stream with anomalies
+    and their enrichment), the services' Prometheus, which `rtml up` registered the cluster with,
+    holds the app's series under rtml's names; every query of the Grafana dashboard and every
+    alert rule evaluates, and returns series."""
+    from lakehouse import Lakehouse
+    from observability import queries
+    from rtml.schemas import Event, ModelVersion
+    from rtml.settings import Settings
+
+    # A tenant whose model names the events it was trained on (the drift reference), then sends
+    # values three standard deviations higher: the stream's drift gauges get its series.
+    lake = Lakehouse.open(Settings(home=app.home))
+    rng = np.random.default_rng(7)
+    lake.append_idempotent(
+        "events", [Event(tenant=DRIFTING, entity="line-0", event_time=START + timedelta(minutes=i), value=float(v)) for i, v in enumerate(rng.normal(0, 1, 1000))]
+    )
+    demo_rnn = next(model for model in lake.registry.active(TENANT) if model.kind == "rnn")
+    model = lake.registry.register(
+        ModelVersion(
+            name=f"{DRIFTING}-rnn", version=0, kind="rnn", tenant=DRIFTING, artifact_uri=demo_rnn.artifact_uri,
+            training_snapshot_ids={"events": lake.snapshots("events")[-1].snapshot_id},
+        )
+    )  # fmt: skip
+    lake.registry.promote(model.name, model.version)
+    shifted = _events("line-0", rng.normal(3, 1, 300), START + timedelta(days=1))
+    assert _post(app, shifted, tenant=DRIFTING).status_code == 202
+
+    wanted = {
+        "ingestion rate": f'sum by (tenant) (rate(rtml_ingested_events_total{{tenant="{TENANT}"}}[5m]))',
+        "consumer lag": "max by (group, partition) (rtml_consumer_lag_events)",
+        "decision latency": "histogram_quantile(0.99, sum by (le, group) (rate(rtml_event_to_decision_seconds_bucket[5m])))",
+        "drift": f'max by (tenant) (rtml_drift_psi{{tenant="{DRIFTING}"}}) > 0.2',
+    }
+    deadline = time.monotonic() + WAIT_S
+    while missing := [name for name, expression in wanted.items() if not _prometheus(prometheus_url, expression)]:
+        assert time.monotonic() < deadline, f"after {WAIT_S:.0f}s Prometheus has no series for {missing}"
+        time.sleep(2.0)
+    lag = _prometheus(prometheus_url, wanted["consumer lag"])
+    assert {series["metric"]["group"] for series in lag} == {"rtml-stream"}
+    assert all(series["metric"]["partition"] for series in lag)
+
+    expressions = [(f"panel {title}", expression) for title, expression in queries.dashboard_expressions()]
+    for alert, expression, signal in queries.rule_expressions():
+        expressions += [(f"rule {alert}", expression), (f"signal of {alert}", signal)]
+    deadline = time.monotonic() + 60.0
+    while True:
+        answers = {name: _prometheus(prometheus_url, expression) for name, expression in expressions}  # each evaluates (200)
+        # An alert's own expression is empty unless it fires; the quantity it compares is not.
+        empty = [name for name, answer in answers.items() if not name.startswith("rule") and not answer]
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(5.0)
+    assert not empty, f"no series for {empty}"

@@ -127,17 +127,18 @@ def test_prometheus_sees_an_exporter_written_to_its_file_sd_targets(prometheus_u
     from prometheus_client import CollectorRegistry, Counter, start_http_server
 
     from cluster import services
+    from observability import scrape
 
     prometheus = services.get("prometheus")
     registry = CollectorRegistry()
     Counter("rtml_test_events", "events seen by the test exporter", registry=registry).inc(3)
     server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    job = unique("rtml-test")
-    target_file = prometheus.add_target(job, f"127.0.0.1:{server.server_port}")
+    process = unique("rtml-test")
+    target_file = scrape.register_process(prometheus.targets_dir, process, f"127.0.0.1:{server.server_port}")
     try:
 
         def scraped_sample() -> float | None:
-            query = f'rtml_test_events_total{{job="{job}"}} and on(job) up{{job="{job}"}} == 1'
+            query = f'rtml_test_events_total{{process="{process}"}} and on(process) up{{process="{process}"}} == 1'
             result = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": query}, timeout=5).json()
             samples = result["data"]["result"]
             return float(samples[0]["value"][1]) if samples else None
@@ -145,7 +146,7 @@ def test_prometheus_sees_an_exporter_written_to_its_file_sd_targets(prometheus_u
         waiting = Retrying(stop=stop_after_delay(60), wait=wait_fixed(1), retry=retry_if_result(lambda v: v is None))
         assert waiting(scraped_sample) == 3.0
         targets = httpx.get(f"{prometheus_url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
-        assert [target["health"] for target in targets if target["labels"]["job"] == job] == ["up"]
+        assert [target["health"] for target in targets if target["labels"].get("process") == process] == ["up"]
     finally:
         target_file.unlink()
         server.shutdown()
