@@ -477,6 +477,11 @@ def stop_tls_front(settings: Settings) -> int | None:
     alive = pid is not None and config in _command_line(pid)
     if alive:
         _terminate(lambda: [pid] if config in _command_line(pid) else [])
+        # Its threads are gone a moment before the kernel closes its listening socket: return once
+        # the port refuses, so that what `rtml down` reports stopped no longer answers.
+        deadline = time.monotonic() + STOP_GRACE_S
+        while _listening(_dialable(settings.serving.tls_host, settings.serving.tls_port)) and time.monotonic() < deadline:
+            time.sleep(0.05)
     (folder / f"{TLS_FRONT}.pid").unlink(missing_ok=True)
     return pid if alive else None
 
